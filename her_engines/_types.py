@@ -1,0 +1,97 @@
+"""Wire-independent request/result types and the one `Engine` interface.
+
+Exception tree (third-party errors are translated into these at each engine's boundary)::
+
+    EngineError
+    ├── EngineUnavailable   the backend cannot be reached or is not installed
+    ├── EngineTimeout       the backend did not answer in time
+    └── EngineBadRequest    the request cannot be served as asked (e.g. two constraints)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class EngineError(Exception):
+    """Base class of every engine failure."""
+
+
+class EngineUnavailable(EngineError):
+    """The backend is not installed, not loaded, or not reachable."""
+
+
+class EngineTimeout(EngineError):
+    """The backend did not answer within its deadline."""
+
+
+class EngineBadRequest(EngineError):
+    """The request is invalid for this engine."""
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenRequest(BaseModel):
+    """One generation. Give `messages` (chat) or `prompt` (raw text), never both.
+
+    `prefill` continues the assistant turn: the chat template is applied with the
+    assistant message left open, and the result's `text` excludes the prefill.
+    At most one constraint: `json_schema` (output is JSON valid against it) or
+    `choices` (output is exactly one of the strings; `choice_logprobs` gives the
+    log-probability of every choice, normalised over the choices).
+    """
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    prefill: str = ""
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    json_schema: dict[str, Any] | None = None
+    choices: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GenRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.json_schema is not None and self.choices is not None:
+            raise ValueError("at most one constraint: `json_schema` or `choices`")
+        if self.choices is not None and (len(self.choices) < 2 or len(set(self.choices)) != len(self.choices)):
+            raise ValueError("`choices` needs at least two distinct strings")
+        return self
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class GenResult(BaseModel):
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "stop"
+    # For `choices` requests: log P(choice) normalised over the choices (sums to 1 after exp).
+    choice_logprobs: dict[str, float] | None = None
+    error: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Every backend implements this. `generate` keeps the order of `requests`.
+
+    A failure of one request is reported in its own result (`finish_reason="error"`,
+    `error=...`) where the backend allows it; a failure of the whole backend raises
+    an `EngineError`.
+    """
+
+    model_id: str
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
+
+    async def aclose(self) -> None: ...

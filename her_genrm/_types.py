@@ -1,0 +1,85 @@
+"""The one verdict schema shared by the judge library, rm_server, data_builder and eval."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from her_engines import ChatMessage
+
+Mode = Literal["cot", "fast"]
+TemplateName = Literal["compact", "her-rm"]
+Winner = Literal["a", "b", "tie"]
+Pattern = Literal["all_a", "all_b", "mixed", "tie"]
+Status = Literal["ok", "error"]
+
+
+class JudgeRequest(BaseModel):
+    """One pair to judge. `context` is chat messages (the conversation before the reply) or plain text."""
+
+    context: list[ChatMessage] | str
+    a: str
+    b: str
+    mode: Mode = "cot"
+    template: TemplateName = "compact"
+    swap: bool = True
+    seed: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="carried through untouched")
+
+
+class Comparison(BaseModel):
+    principle: str
+    winner: Winner
+    reason: str = ""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            calls=self.calls + other.calls,
+        )
+
+
+class OrderResult(BaseModel):
+    """The judge's answer for one presentation order. Winners are mapped back to a/b
+    (so `winner="a"` means candidate a won, whichever slot it was shown in)."""
+
+    a_first: bool
+    status: Status
+    winner: Winner | None = None
+    p_a: float | None = None
+    principles: list[str] = Field(default_factory=list)
+    comparisons: list[Comparison] = Field(default_factory=list)
+    pattern: Pattern | None = None
+    raw: str | None = None
+    error: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Verdict(BaseModel):
+    """The judgment of one pair. `verdict`/`p_a` are None when `status == "error"`."""
+
+    verdict: Winner | None = None
+    p_a: float | None = None
+    consistent: bool | None = None
+    status: Status = "ok"
+    error: str | None = None
+    pattern: Pattern | None = None
+    principles: list[str] = Field(default_factory=list)
+    comparisons: list[Comparison] = Field(default_factory=list)
+    orders: list[OrderResult] = Field(default_factory=list)
+    mode: Mode = "cot"
+    template: TemplateName = "compact"
+    cached: bool = False
+    model: str = ""
+    template_hash: str = ""
+    principle_set_hash: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    latency_ms: float | None = None
