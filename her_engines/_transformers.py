@@ -1,0 +1,443 @@
+"""The default engine: a Hugging Face causal LM run in-process (CPU by default).
+
+How a call to :meth:`TransformersEngine.generate` is served:
+
+- Free-text and ``json_schema`` requests share batched ``model.generate`` calls (left padding,
+  prompts sorted by length to keep padding small). Per-row behaviour lives in our own logits
+  processors and stopping criterion rather than in generate's flags, so requests with different
+  temperatures, seeds, schemas, stop strings and token limits still share one batch: a row's
+  grammar masks only its own logits, a sampled row draws from its own seeded ``torch.Generator``
+  (so a seeded result does not depend on its batch neighbours), and a row stops on its own.
+- ``choices`` requests decode nothing: the prompt runs once, its KV cache is repeated for every
+  choice and one teacher-forced forward scores all choices exactly.
+- All model work runs on one worker thread, one batch at a time, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from ._factory import DEFAULT_MODEL
+from ._models import ResolvedModel, ensure_hf_folder, resolve_model
+from ._types import EngineBadRequest, EngineError, EngineUnavailable, GenRequest, GenResult
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GRAMMAR_CACHE_SIZE = 128
+
+
+def _sample_index(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Draw one index from softmax(logits / temperature), restricted to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep a token while the mass before it is below top_p, so the first token always stays.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class _Prepared:
+    """One request after rendering and checks, ready for the model."""
+
+    index: int
+    req: GenRequest
+    ids: list[int]
+    grammar: Any = None  # xgrammar.CompiledGrammar for json_schema requests
+    choice_ids: list[list[int]] = field(default_factory=list)
+
+
+class _RowStop(StoppingCriteria):
+    """Per-row stop: end-of-sequence token, a stop string, or the row's own max_tokens.
+
+    Records why and after how many new tokens each row finished (`done`), which is what the
+    result's text and finish_reason are cut from.
+    """
+
+    def __init__(self, rows: list[_Prepared], prompt_len: int, eos: set[int], tokenizer: Any) -> None:
+        self.rows = rows
+        self.prompt_len = prompt_len
+        self.eos = eos
+        self.tokenizer = tokenizer
+        self.done: list[tuple[int, str] | None] = [None] * len(rows)
+        # A stop string of n characters spans at most n tokens; a few more absorb tokens that decode
+        # to nothing on their own (partial UTF-8 bytes).
+        self.windows = [max((len(s) for s in p.req.stop), default=0) + 4 for p in rows]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        n_new = input_ids.shape[1] - self.prompt_len
+        for i, p in enumerate(self.rows):
+            if self.done[i] is not None:
+                continue
+            if int(input_ids[i, -1]) in self.eos:
+                self.done[i] = (n_new, "eos")
+            elif p.req.stop and self._hit_stop(input_ids[i, self.prompt_len :], p.req.stop, self.windows[i]):
+                self.done[i] = (n_new, "stop")
+            elif n_new >= p.req.max_tokens:
+                self.done[i] = (n_new, "length")
+        return torch.tensor([d is not None for d in self.done], dtype=torch.bool, device=input_ids.device)
+
+    def _hit_stop(self, new_ids: torch.Tensor, stops: list[str], window: int) -> bool:
+        tail = self.tokenizer.decode(new_ids[-window:].tolist(), skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+
+class _GrammarMask(LogitsProcessor):
+    """Masks each constrained row's logits with its own xgrammar matcher; other rows pass through.
+
+    Works like ``xgrammar.contrib.hf.LogitsProcessor`` but allows unconstrained rows in the same
+    batch and rows that our stopping criterion has already finished (they receive pad tokens).
+    """
+
+    def __init__(self, grammars: list[Any], vocab_size: int, stop: _RowStop) -> None:
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
+        self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+        self.vocab_size = vocab_size
+        self.stop = stop
+        self.first_call = True
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        active = []
+        for i in self.rows:
+            matcher = self.matchers[i]
+            if self.stop.done[i] is not None or matcher.is_terminated():
+                continue
+            # The first call sees only the prompt; later calls see the token chosen last step.
+            if not self.first_call and not matcher.accept_token(int(input_ids[i, -1])):
+                raise RuntimeError(f"grammar rejected token {int(input_ids[i, -1])} that it allowed")
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(self.bitmask, i)
+                active.append(i)
+        self.first_call = False
+        if active:
+            self.xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=self.vocab_size, indices=active)
+        return scores
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples the rows with temperature > 0 from their own generators and leaves a one-hot score.
+
+    `generate` then runs greedy (argmax), which picks exactly our sample for those rows and the
+    argmax for greedy rows.
+    """
+
+    def __init__(self, rows: list[_Prepared]) -> None:
+        self.sampled = [(i, p.req.temperature, p.req.top_p, _generator(p.req.seed))
+                        for i, p in enumerate(rows) if p.req.temperature > 0]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, temperature, top_p, gen in self.sampled:
+            token = _sample_index(scores[i], temperature, top_p, gen)
+            scores[i].fill_(-math.inf)
+            scores[i, token] = 0.0
+        return scores
+
+
+class TransformersEngine:
+    """In-process HF model. Loads once in the constructor (blocking; a few seconds from the cached
+    HF folder, ~30 s the first time a GGUF is converted).
+
+    `model` is a name or path understood by :func:`resolve_model`. `max_batch_size` caps how many
+    requests share one forward. `threads` sets torch's CPU threads (default: all cores).
+    Raises `EngineUnavailable` if the model cannot be found or loaded, `EngineBadRequest` for
+    invalid options.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        threads: int | None = None,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise EngineBadRequest(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
+        if max_batch_size < 1:
+            raise EngineBadRequest(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if threads is not None and threads < 1:
+            raise EngineBadRequest(f"threads must be >= 1, got {threads}")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise EngineBadRequest(f"invalid device {device!r}: {exc}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineUnavailable("device 'cuda' asked for but torch sees no CUDA device")
+
+        self.resolved: ResolvedModel = resolve_model(model)
+        self.model_id: str = self.resolved.model_id
+        self.max_batch_size = max_batch_size
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model_path: Path = ensure_hf_folder(self.resolved)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=_DTYPES[dtype], local_files_only=True
+            ).to(self.device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EngineUnavailable(f"could not load model from {self.model_path}: {exc}") from exc
+        self.model.eval()
+
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        if not eos_ids:
+            raise EngineUnavailable(f"model at {self.model_path} defines no end-of-sequence token")
+        self.eos_ids = eos_ids
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:  # pad with eos: padded positions are masked out anyway
+            self.pad_id = min(eos_ids)
+        self.context_len: int = int(getattr(self.model.config, "max_position_embeddings", 0)) or 2**31
+        self.vocab_size: int = int(self.model.config.vocab_size)
+
+        self._grammar_compiler: Any = None
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="her-transformers")
+        self._lock = threading.Lock()  # one forward at a time, even for direct sync callers
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        """Serve `requests` in order; a bad request gets its own error result."""
+        if self._closed:
+            raise EngineUnavailable("engine is closed")
+        if not requests:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._generate_sync, list(requests))
+
+    async def aclose(self) -> None:
+        """Wait for running work, then free the model. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._executor.shutdown, True)
+        self.model = None
+        self._grammars.clear()
+        gc.collect()
+
+    def render(self, req: GenRequest) -> str:
+        """The exact prompt text the model continues (chat template applied, prefill included)."""
+        if req.messages is None:
+            return (req.prompt or "") + req.prefill
+        messages = [m.model_dump() for m in req.messages]
+        if req.prefill:
+            # The assistant turn stays open so the model continues the prefill.
+            messages.append({"role": "assistant", "content": req.prefill})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # ---- worker thread ----------------------------------------------------------------------
+
+    def _generate_sync(self, requests: list[GenRequest]) -> list[GenResult]:
+        results: list[GenResult | None] = [None] * len(requests)
+        decode: list[_Prepared] = []
+        with self._lock, torch.inference_mode():
+            for i, req in enumerate(requests):
+                try:
+                    prepared = self._prepare(i, req)
+                except EngineError as exc:
+                    results[i] = _error_result(exc)
+                    continue
+                except Exception as exc:  # a template or tokenizer failure on this request only
+                    results[i] = _error_result(EngineBadRequest(f"could not prepare request: {exc}"))
+                    continue
+                if req.choices is not None:
+                    results[i] = self._isolated([prepared], self._score_choices)[0]
+                else:
+                    decode.append(prepared)
+            decode.sort(key=lambda p: len(p.ids))  # similar lengths together: less padding
+            for start in range(0, len(decode), self.max_batch_size):
+                group = decode[start : start + self.max_batch_size]
+                for p, res in zip(group, self._isolated(group, self._decode), strict=True):
+                    results[p.index] = res
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _isolated(self, group: list[_Prepared], run: Any) -> list[GenResult]:
+        """Run a group; if it fails, rerun its members one by one so only the culprit fails."""
+        try:
+            return run(group)
+        except Exception as exc:
+            if len(group) == 1:
+                return [_error_result(exc)]
+        return [self._isolated([p], run)[0] for p in group]
+
+    def _prepare(self, index: int, req: GenRequest) -> _Prepared:
+        text = self.render(req)
+        # A chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones.
+        ids = self.tokenizer(text, add_special_tokens=req.messages is None).input_ids
+        if not ids:
+            raise EngineBadRequest("prompt is empty after tokenisation")
+        prepared = _Prepared(index=index, req=req, ids=ids)
+        if req.choices is not None:
+            prepared.choice_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in req.choices]
+            if any(not c for c in prepared.choice_ids):
+                raise EngineBadRequest("every choice must be a non-empty string")
+            need = len(ids) + max(len(c) for c in prepared.choice_ids)
+        else:
+            need = len(ids) + req.max_tokens
+            if req.json_schema is not None:
+                prepared.grammar = self._grammar_for(req.json_schema)
+        if need > self.context_len:
+            raise EngineBadRequest(
+                f"prompt ({len(ids)} tokens) plus {need - len(ids)} new tokens exceeds the model context "
+                f"({self.context_len} tokens); shorten the prompt or lower max_tokens"
+            )
+        return prepared
+
+    def _grammar_for(self, schema: dict[str, Any]) -> Any:
+        key = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+            return self._grammars[key]
+        try:
+            import xgrammar as xgr
+        except ImportError as exc:
+            raise EngineUnavailable("json_schema needs the `xgrammar` package") from exc
+        if self._grammar_compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=sorted(self.eos_ids)
+            )
+            self._grammar_compiler = xgr.GrammarCompiler(info)
+        try:
+            # Compact JSON: free whitespace lets a small model ramble in spaces until max_tokens.
+            grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as exc:
+            raise EngineBadRequest(f"json_schema could not be compiled: {exc}") from exc
+        self._grammars[key] = grammar
+        if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
+            self._grammars.popitem(last=False)
+        return grammar
+
+    def _decode(self, group: list[_Prepared]) -> list[GenResult]:
+        width = max(len(p.ids) for p in group)
+        input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(group), width), dtype=torch.long)
+        for row, p in enumerate(group):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
+            attention[row, width - len(p.ids) :] = 1
+        stop = _RowStop(group, width, self.eos_ids, self.tokenizer)
+        processors = LogitsProcessorList()
+        if any(p.grammar is not None for p in group):
+            processors.append(_GrammarMask([p.grammar for p in group], self.vocab_size, stop))
+        if any(p.req.temperature > 0 for p in group):
+            processors.append(_RowSampler(group))
+        config = GenerationConfig(
+            max_new_tokens=max(p.req.max_tokens for p in group),
+            do_sample=False,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([stop]),
+        )
+        return [self._decoded_result(p, out[row, width:].tolist(), stop.done[row]) for row, p in enumerate(group)]
+
+    def _decoded_result(self, p: _Prepared, new_ids: list[int], done: tuple[int, str] | None) -> GenResult:
+        n, why = done if done is not None else (min(len(new_ids), p.req.max_tokens), "length")
+        tokens = new_ids[:n]
+        text = self.tokenizer.decode(tokens[:-1] if why == "eos" else tokens, skip_special_tokens=True)
+        if why == "stop":
+            cut = min((i for i in (text.find(s) for s in p.req.stop) if i >= 0), default=len(text))
+            text = text[:cut]
+        return GenResult(
+            text=text,
+            prompt_tokens=len(p.ids),
+            completion_tokens=len(tokens),
+            finish_reason="length" if why == "length" else "stop",
+        )
+
+    def _score_choices(self, group: list[_Prepared]) -> list[GenResult]:
+        (p,) = group
+        choices = p.req.choices or []
+        prompt = torch.tensor([p.ids], device=self.device)
+        out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        totals = torch.tensor([float(first[c[0]]) for c in p.choice_ids], dtype=torch.float64)
+        longest = max(len(c) for c in p.choice_ids)
+        if longest > 1:
+            # Teacher forcing over all choices at once, reusing the prompt's KV cache for every row.
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(choices))
+            feed = torch.full((len(choices), longest - 1), self.pad_id, dtype=torch.long)
+            for row, c in enumerate(p.choice_ids):
+                feed[row, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            # Right padding is harmless here: causal attention never lets a real token see it.
+            mask = torch.ones((len(choices), len(p.ids) + longest - 1), dtype=torch.long)
+            positions = torch.arange(len(p.ids), len(p.ids) + longest - 1).expand(len(choices), -1)
+            logits = self.model(
+                input_ids=feed.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for row, c in enumerate(p.choice_ids):
+                if len(c) == 1:
+                    continue
+                targets = torch.tensor(c[1:], dtype=torch.long, device=logprobs.device)
+                totals[row] += float(logprobs[row, torch.arange(len(c) - 1), targets].double().sum())
+        normalised = totals - torch.logsumexp(totals, dim=0)
+        if p.req.temperature > 0:
+            pick = _sample_index(normalised, p.req.temperature, p.req.top_p, _generator(p.req.seed))
+        else:
+            pick = int(torch.argmax(normalised))
+        return [
+            GenResult(
+                text=choices[pick],
+                prompt_tokens=len(p.ids),
+                completion_tokens=len(p.choice_ids[pick]),
+                finish_reason="stop",
+                choice_logprobs={c: float(v) for c, v in zip(choices, normalised, strict=True)},
+            )
+        ]
+
+
+def _error_result(exc: BaseException) -> GenResult:
+    kind = type(exc).__name__ if isinstance(exc, EngineError) else f"EngineError ({type(exc).__name__})"
+    return GenResult(text="", finish_reason="error", error=f"{kind}: {exc}")

@@ -1,0 +1,79 @@
+"""Convenience entry points: judge pairs in-process, or a jsonl file with a progress bar."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from her_engines import Engine, create_engine
+
+from ._judge import GenRM
+from ._types import JudgeRequest, Mode, TemplateName, Verdict
+
+_PAIR_KEYS = {"context", "a", "b"}
+
+
+def _to_request(pair: Mapping[str, Any] | JudgeRequest, **defaults: Any) -> JudgeRequest:
+    if isinstance(pair, JudgeRequest):
+        return pair
+    missing = _PAIR_KEYS - set(pair)
+    if missing:
+        raise ValueError(f"a pair needs keys context, a, b; missing {sorted(missing)}")
+    fields = {k: pair[k] for k in ("context", "a", "b", "seed") if k in pair}
+    return JudgeRequest(**defaults, **fields, extra={k: v for k, v in pair.items() if k not in fields})
+
+
+async def judge(
+    pairs: Iterable[Mapping[str, Any] | JudgeRequest],
+    *,
+    mode: Mode = "cot",
+    template: TemplateName = "compact",
+    swap: bool = True,
+    engine: Engine | None = None,
+    genrm: GenRM | None = None,
+    batch_size: int = 16,
+) -> list[Verdict]:
+    """Judge pairs (`{"context", "a", "b"}` dicts or `JudgeRequest`s) in engine-sized batches."""
+    genrm = genrm or GenRM(engine or create_engine())
+    requests = [_to_request(p, mode=mode, template=template, swap=swap) for p in pairs]
+    verdicts: list[Verdict] = []
+    for start in range(0, len(requests), batch_size):
+        verdicts.extend(await genrm.judge(requests[start : start + batch_size]))
+    return verdicts
+
+
+async def judge_file(
+    in_path: str | Path,
+    out_path: str | Path,
+    genrm: GenRM,
+    *,
+    mode: Mode = "cot",
+    template: TemplateName = "compact",
+    swap: bool = True,
+    batch_size: int = 16,
+) -> dict[str, int]:
+    """Read pairs from jsonl, write one verdict line per pair (input keys carried through)."""
+    lines = [ln for ln in Path(in_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{in_path}:{n}: not JSON ({exc.msg})") from None
+    requests = [_to_request(r, mode=mode, template=template, swap=swap) for r in rows]
+    counts = {"ok": 0, "error": 0}
+    with Path(out_path).open("w", encoding="utf-8") as out, Progress() as progress:
+        task = progress.add_task("judging", total=len(requests))
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            for row, verdict in zip(rows[start : start + batch_size], await genrm.judge(chunk), strict=True):
+                record = {**row, **verdict.model_dump(exclude={"orders"}, mode="json")}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts[verdict.status] += 1
+            out.flush()
+            progress.advance(task, len(chunk))
+    return counts

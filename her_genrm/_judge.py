@@ -1,0 +1,246 @@
+"""The pairwise GenRM: principle-guided verdicts in `cot` or `fast` mode, debiased by swapping.
+
+One call to `GenRM.judge` turns every pair into one or two engine requests (both
+presentation orders when `swap` is on), sends them to the engine together, and folds the
+answers back into one `Verdict` per pair. A failure of one order is that pair's error,
+never a default verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from her_engines import Engine, GenRequest, GenResult
+from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
+
+from ._templates import (
+    SLOTS,
+    CompactTemplate,
+    HerRMTemplate,
+    JudgeOutputError,
+    JudgeTemplate,
+    ParsedJudgment,
+    Slot,
+    parse_compact,
+    parse_her_rm,
+)
+from ._types import Comparison, JudgeRequest, OrderResult, Pattern, Usage, Verdict, Winner
+
+FAST_CHOICES = ["A", "B", "tie"]
+
+
+def pattern_of(winners: Sequence[Winner]) -> Pattern | None:
+    """HER's judgment pattern from per-principle winners: which side won any principle."""
+    if not winners:
+        return None
+    a_wins, b_wins = "a" in winners, "b" in winners
+    if a_wins and b_wins:
+        return "mixed"
+    if a_wins:
+        return "all_a"
+    if b_wins:
+        return "all_b"
+    return "tie"
+
+
+def _slot_to_winner(slot: Slot, a_first: bool) -> Winner:
+    if slot == "tie":
+        return "tie"
+    return "a" if (slot == "A") == a_first else "b"
+
+
+@dataclass
+class GenRMConfig:
+    """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
+
+    cot_max_tokens: int = 360
+    her_rm_max_tokens: int = 1536
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def sampling(self) -> dict[str, float | int]:
+        return {
+            "cot_max_tokens": self.cot_max_tokens,
+            "her_rm_max_tokens": self.her_rm_max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+@dataclass
+class GenRM:
+    """A pairwise judge bound to one engine, one principle library and its templates."""
+
+    engine: Engine
+    library: PrincipleLibrary = field(default_factory=default_library)
+    her_rm_template: HerRMTemplate | None = None
+    config: GenRMConfig = field(default_factory=GenRMConfig)
+
+    def __post_init__(self) -> None:
+        self.compact = CompactTemplate(self.library)
+        self._known_ids = set(self.library.ids())
+
+    @classmethod
+    def from_paths(
+        cls, engine: Engine, *, principles: str | Path | None = None, her_rm_template: str | Path | None = None
+    ) -> GenRM:
+        return cls(
+            engine=engine,
+            library=PrincipleLibrary.load(principles) if principles else default_library(),
+            her_rm_template=HerRMTemplate.load(her_rm_template) if her_rm_template else None,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    def template(self, name: str) -> JudgeTemplate:
+        if name == "compact":
+            return self.compact
+        if name == "her-rm":
+            if self.her_rm_template is None:
+                raise ValueError("template 'her-rm' needs a template file (her_rm_template / RM_HER_RM_TEMPLATE)")
+            return self.her_rm_template
+        raise ValueError(f"unknown template {name!r}; expected compact or her-rm")
+
+    # ------------------------------------------------------------------ requests
+
+    def build_requests(self, req: JudgeRequest) -> list[tuple[bool, GenRequest]]:
+        """(a_first, engine request) for each presentation order of one pair."""
+        template = self.template(req.template)
+        a, b = strip_system_thinking(req.a), strip_system_thinking(req.b)
+        orders = [True, False] if req.swap else [True]
+        fast = req.mode == "fast"
+        out = []
+        for a_first in orders:
+            first, second = (a, b) if a_first else (b, a)
+            messages = template.messages(req.context, first, second, fast=fast)
+            common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature}
+            if fast:
+                gen = GenRequest(**common, max_tokens=1, choices=FAST_CHOICES)
+            elif isinstance(template, CompactTemplate):
+                gen = GenRequest(
+                    **common,
+                    max_tokens=self.config.cot_max_tokens,
+                    top_p=self.config.top_p,
+                    json_schema=template.output_schema(),
+                )
+            else:
+                gen = GenRequest(**common, max_tokens=self.config.her_rm_max_tokens, top_p=self.config.top_p)
+            out.append((a_first, gen))
+        return out
+
+    # ------------------------------------------------------------------ answers
+
+    def _read_order(self, req: JudgeRequest, a_first: bool, result: GenResult) -> OrderResult:
+        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, calls=1)
+        base = {"a_first": a_first, "raw": result.text, "usage": usage}
+        if result.finish_reason == "error":
+            return OrderResult(**base, status="error", error=result.error or "engine error")
+        if req.mode == "fast":
+            return self._read_fast(result, base, a_first)
+        if result.finish_reason == "length":
+            return OrderResult(**base, status="error", error="judge output hit max_tokens before finishing")
+        try:
+            parsed: ParsedJudgment = (
+                parse_compact(result.text, self._known_ids) if req.template == "compact" else parse_her_rm(result.text)
+            )
+        except JudgeOutputError as exc:
+            return OrderResult(**base, status="error", error=str(exc))
+        winner = _slot_to_winner(parsed.verdict, a_first)
+        comparisons = [
+            Comparison(principle=pid, winner=_slot_to_winner(slot, a_first), reason=reason)
+            for pid, slot, reason in parsed.comparisons
+        ]
+        return OrderResult(
+            **base,
+            status="ok",
+            winner=winner,
+            p_a={"a": 1.0, "b": 0.0, "tie": 0.5}[winner],
+            principles=list(dict.fromkeys(c.principle for c in comparisons)),
+            comparisons=comparisons,
+            pattern=pattern_of([c.winner for c in comparisons]),
+        )
+
+    @staticmethod
+    def _read_fast(result: GenResult, base: dict, a_first: bool) -> OrderResult:
+        logprobs = result.choice_logprobs or {}
+        if set(logprobs) != set(FAST_CHOICES) or not all(math.isfinite(v) for v in logprobs.values()):
+            return OrderResult(**base, status="error", error=f"engine returned no usable choice logprobs: {logprobs}")
+        probs = {k: math.exp(v) for k, v in logprobs.items()}
+        total = sum(probs.values())
+        probs = {k: v / total for k, v in probs.items()}
+        slot_of_a = "A" if a_first else "B"
+        p_a = probs[slot_of_a] + 0.5 * probs["tie"]
+        best: Slot = max(SLOTS, key=lambda s: probs[s])
+        return OrderResult(**base, status="ok", winner=_slot_to_winner(best, a_first), p_a=p_a)
+
+    def combine(self, req: JudgeRequest, orders: list[OrderResult]) -> Verdict:
+        """Fold the orders of one pair: mean P(a≻b); disagreeing winners → tie, inconsistent."""
+        template = self.template(req.template)
+        usage = sum((o.usage for o in orders), Usage())
+        common = {
+            "orders": orders,
+            "mode": req.mode,
+            "template": req.template,
+            "model": self.model_id,
+            "template_hash": template.template_hash,
+            "principle_set_hash": self.library.version,
+            "usage": usage,
+        }
+        failed = [o for o in orders if o.status != "ok"]
+        if failed:
+            return Verdict(**common, status="error", error="; ".join(o.error or "error" for o in failed))
+        winners = {o.winner for o in orders}
+        consistent = len(winners) == 1 if len(orders) > 1 else None
+        verdict: Winner = orders[0].winner if len(winners) == 1 else "tie"  # type: ignore[assignment]
+        all_comparisons = [c for o in orders for c in o.comparisons]
+        return Verdict(
+            **common,
+            status="ok",
+            verdict=verdict,
+            p_a=sum(o.p_a or 0.0 for o in orders) / len(orders),
+            consistent=consistent,
+            pattern=pattern_of([c.winner for c in all_comparisons]),
+            principles=list(dict.fromkeys(c.principle for c in all_comparisons)),
+            comparisons=orders[0].comparisons,
+        )
+
+    # ------------------------------------------------------------------ entry point
+
+    async def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        """Judge every pair; all orders of all pairs go to the engine in one call."""
+        started = time.perf_counter()
+        plan: list[tuple[int, bool]] = []
+        gen_requests: list[GenRequest] = []
+        setup_errors: dict[int, str] = {}
+        for i, req in enumerate(requests):
+            try:
+                built = self.build_requests(req)
+            except ValueError as exc:
+                setup_errors[i] = str(exc)
+                continue
+            for a_first, gen in built:
+                plan.append((i, a_first))
+                gen_requests.append(gen)
+        results = await self.engine.generate(gen_requests) if gen_requests else []
+        if len(results) != len(gen_requests):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(gen_requests)} requests")
+        per_pair: dict[int, list[OrderResult]] = {}
+        for (i, a_first), result in zip(plan, results, strict=True):
+            per_pair.setdefault(i, []).append(self._read_order(requests[i], a_first, result))
+        latency_ms = (time.perf_counter() - started) * 1000
+        verdicts = []
+        for i, req in enumerate(requests):
+            if i in setup_errors:
+                verdict = Verdict(status="error", error=setup_errors[i], mode=req.mode, template=req.template,
+                                  model=self.model_id, principle_set_hash=self.library.version)
+            else:
+                verdict = self.combine(req, per_pair[i])
+            verdict.latency_ms = latency_ms
+            verdicts.append(verdict)
+        return verdicts

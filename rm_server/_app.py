@@ -1,0 +1,209 @@
+"""`build_app`: wires settings, engine, GenRM, cache, batcher, telemetry and routers.
+
+Nothing happens at import. The engine loads in the background after start-up so that
+/healthz answers at once and /readyz turns ready when the model is in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from her_engines import Engine, create_engine
+from her_genrm import GenRM
+from her_roleplay import PrincipleLibrary, default_library
+
+from ._auth import require_key
+from ._cache import RedisVerdictCache, build_cache
+from ._batcher import QueueFull
+from ._errors import BodyTooLarge, mapped_exception_classes, status_of
+from ._protocol import ErrorBody, ErrorEnvelope, InfoResponse
+from ._routes import api, health, metrics_router
+from ._serving import JudgeService
+from ._settings import ServerSettings
+from ._telemetry import JudgeTelemetry
+
+log = logging.getLogger("rm_server")
+
+
+def _package_version() -> str:
+    try:
+        return version("her-genrm")
+    except PackageNotFoundError:
+        return "0+local"
+
+
+def error_response(status: int, kind: str, message: str, details: object = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorEnvelope(error=ErrorBody(type=kind, message=message, details=details))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, checked on Content-Length and on the bytes actually read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(f"request body is over {self.max_bytes} bytes (RM_MAX_BODY_BYTES)")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, "body_too_large",
+                                  f"request body is over {self.max_bytes} bytes (RM_MAX_BODY_BYTES)")
+        await response(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else first["msg"],
+                              details=errors)
+
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        status, kind = status_of(exc)
+        if status == 500:
+            log.error("unhandled error on %s", request.url.path, exc_info=exc)
+            return error_response(500, kind, "internal error; see the server log")
+        headers = None
+        if isinstance(exc, QueueFull):
+            headers = {"Retry-After": exc.retry_after_header()}
+        return error_response(status, kind, str(exc) or kind, headers=headers)
+
+    # Specific classes go to Starlette's ExceptionMiddleware (answered quietly); the catch-all
+    # Exception handler only covers real bugs (500, logged with a traceback).
+    for cls in mapped_exception_classes():
+        app.add_exception_handler(cls, _mapped)
+    app.add_exception_handler(Exception, _mapped)
+
+
+def _instrument(app: FastAPI, telemetry: JudgeTelemetry) -> None:
+    @app.middleware("http")
+    async def _timing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        telemetry.observe_request(path, response.status_code, time.perf_counter() - started)
+        return response
+
+
+def build_app(
+    settings: ServerSettings | None = None,
+    *,
+    engine: Engine | None = None,
+    library: PrincipleLibrary | None = None,
+) -> FastAPI:
+    """The ASGI app. Pass `engine` to share an already loaded engine (tests, embedding)."""
+    settings = settings or ServerSettings.load()
+    library = library or (PrincipleLibrary.load(settings.principles_path) if settings.principles_path
+                          else default_library())
+    telemetry = JudgeTelemetry(window=settings.telemetry_window)
+    cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
+                        on_error=telemetry.record_cache_error)
+    service = JudgeService(settings=settings, cache=cache, telemetry=telemetry)
+    owns_engine = engine is None
+
+    def make_genrm(loaded: Engine) -> GenRM:
+        return GenRM.from_paths(loaded, her_rm_template=settings.her_rm_template) if settings.her_rm_template \
+            else GenRM(loaded, library=library)
+
+    async def load_engine() -> None:
+        try:
+            loaded = await asyncio.to_thread(_create_engine, settings)
+        except Exception:
+            log.exception("could not load the judge engine")
+            raise
+        service.genrm = make_genrm(loaded)
+        log.info("judge model %s ready", loaded.model_id)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        loader = None
+        if engine is not None:
+            service.genrm = make_genrm(engine)
+        else:
+            loader = asyncio.create_task(load_engine())
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await service.stop()
+            if owns_engine and service.genrm is not None:
+                await service.genrm.engine.aclose()
+            await cache.aclose()
+
+    app = FastAPI(title="HER GenRM service", version=_package_version(), lifespan=lifespan,
+                  description="Pairwise generative reward model for role-play (HER), with RL reward routes.")
+    app.state.service = service
+    app.state.library = library
+    app.state.api_keys = [k.get_secret_value() for k in settings.api_keys]
+
+    def info() -> InfoResponse:
+        genrm = service.genrm
+        templates = {"compact": genrm.compact.template_hash} if genrm else {}
+        if genrm and genrm.her_rm_template:
+            templates["her-rm"] = genrm.her_rm_template.template_hash
+        return InfoResponse(
+            model=genrm.model_id if genrm else settings.model,
+            engine=settings.engine,
+            templates=templates,
+            principle_set_hash=library.version,
+            principles=len(library.principles),
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            cache="redis" if isinstance(cache, RedisVerdictCache) else "memory",
+            auth=bool(settings.api_keys),
+            version=_package_version(),
+        )
+
+    app.state.info = info
+    _install_error_handlers(app)
+    _instrument(app, telemetry)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(health)
+    app.include_router(api)
+    metrics_deps = [Depends(require_key)] if settings.metrics_require_auth else []
+    app.include_router(metrics_router, dependencies=metrics_deps)
+    return app
+
+
+def _create_engine(settings: ServerSettings) -> Engine:
+    options: dict[str, object] = {}
+    if settings.engine == "openai":
+        if not settings.engine_base_url:
+            raise ValueError("RM_ENGINE=openai needs RM_ENGINE_BASE_URL")
+        options = {"base_url": settings.engine_base_url,
+                   "api_key": settings.engine_api_key.get_secret_value() if settings.engine_api_key else None}
+    return create_engine(settings.engine, settings.model, **options)

@@ -1,0 +1,150 @@
+"""Wire types of every route (request and response bodies). No behaviour here."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from her_engines import ChatMessage
+from her_genrm import Mode, RewardKind, TemplateName, Verdict
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JudgeBody(_Body):
+    """One pair: the conversation so far and two candidate next turns."""
+
+    context: list[ChatMessage] | str = Field(description="chat messages before the reply, or plain text")
+    a: str = Field(description="first candidate reply (system_thinking is stripped before judging)")
+    b: str = Field(description="second candidate reply")
+    mode: Mode = "cot"
+    template: TemplateName = "compact"
+    swap: bool = Field(True, description="judge both presentation orders (position debiasing)")
+    seed: int | None = None
+    use_cache: bool = True
+
+
+class JudgeBatchBody(_Body):
+    items: list[JudgeBody] = Field(min_length=1)
+
+
+class JudgeBatchResponse(BaseModel):
+    verdicts: list[Verdict]
+
+
+Prompt = str | list[ChatMessage]
+
+
+class RewardsBody(_Body):
+    """Rewards for completions, judged against references or inside groups.
+
+    strategy `reference` (HER): each completion vs `references[i]` (both orders).
+    strategy `group`: every pair of completions sharing a group id → each member's win rate.
+    Default: `group` when `group_ids` is given, else `reference`.
+    """
+
+    prompts: list[Prompt] = Field(description="context of each completion (text or chat messages)")
+    completions: list[str]
+    references: list[str] | None = None
+    group_ids: list[str | int] | None = None
+    strategy: Literal["reference", "group"] | None = None
+    mode: Mode = "cot"
+    template: TemplateName = "compact"
+    reward: RewardKind = Field("discrete", description="discrete: win 1 / tie 0.5 / loss 0; prob: P(win)")
+    format_penalty: float = Field(0.0, ge=0.0, description="subtracted when a completion breaks the tag grammar")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardsBody:
+        n = len(self.completions)
+        if len(self.prompts) != n:
+            raise ValueError(f"prompts has {len(self.prompts)} items but completions has {n}")
+        for name in ("references", "group_ids"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} items but completions has {n}")
+        strategy = self.resolved_strategy
+        if strategy == "reference" and self.references is None:
+            raise ValueError("strategy 'reference' needs references (or give group_ids for group rewards)")
+        if strategy == "group" and self.group_ids is None:
+            raise ValueError("strategy 'group' needs group_ids")
+        return self
+
+    @property
+    def resolved_strategy(self) -> Literal["reference", "group"]:
+        return self.strategy or ("group" if self.group_ids is not None else "reference")
+
+
+class RewardDetail(BaseModel):
+    status: Literal["ok", "error"]
+    error: str | None = None
+    verdicts: list[str | None] = Field(default_factory=list, description="verdict of each judged pair")
+    format_violations: list[str] = Field(default_factory=list)
+    cached: int = 0
+
+
+class RewardsResponse(BaseModel):
+    rewards: list[float | None]
+    status: list[Literal["ok", "error"]]
+    details: list[RewardDetail]
+
+
+class OpenRLHFRewardBody(BaseModel):
+    """OpenRLHF remote reward protocol (`--remote_rm_url`). Extra keys are ignored."""
+
+    query: list[str] = Field(description="prompt + response, as the trainer decoded them")
+    prompts: list[str] = Field(default_factory=list)
+    labels: list[str] | None = Field(None, description="the reference reply of each sample")
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenRLHFRewardBody:
+        if len(self.prompts) != len(self.query):
+            raise ValueError(f"prompts has {len(self.prompts)} items but query has {len(self.query)}")
+        if self.labels is not None and len(self.labels) != len(self.query):
+            raise ValueError(f"labels has {len(self.labels)} items but query has {len(self.query)}")
+        if self.query and self.labels is None:
+            raise ValueError("labels (the reference replies) are required to judge rollouts")
+        for i, (q, p) in enumerate(zip(self.query, self.prompts, strict=True)):
+            if not q.startswith(p):
+                raise ValueError(f"query[{i}] does not start with prompts[{i}]")
+        return self
+
+
+class OpenRLHFRewardResponse(BaseModel):
+    rewards: list[float | None]
+    scores: list[float | None]
+    extra_logs: dict[str, list[Any]]
+
+
+class TranscriptScoreBody(_Body):
+    """A finished CoSER-style simulation to score (filled in by the eval service)."""
+
+    scene: dict[str, Any]
+    transcript: list[dict[str, str]]
+
+
+class InfoResponse(BaseModel):
+    model: str
+    engine: str
+    templates: dict[str, str] = Field(description="template name -> template hash")
+    principle_set_hash: str
+    principles: int
+    max_batch_size: int
+    max_queue: int
+    cache: str
+    auth: bool
+    version: str
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    details: Any = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The one shape of every error response."""
+
+    error: ErrorBody

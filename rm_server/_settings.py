@@ -1,0 +1,140 @@
+"""Service settings: environment (`RM_` prefix), an optional YAML file, then defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from her_engines import DEFAULT_MODEL
+
+
+class ServerSettings(BaseSettings):
+    """Everything an operator can set. Env vars win over the YAML file (`RM_CONFIG` or `--config`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_", extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = 8000
+    """TCP port to listen on."""
+    engine: Literal["transformers", "openai", "vllm"] = "transformers"
+    """Engine backend that runs the judge model."""
+    model: str = DEFAULT_MODEL
+    """Model id, HF folder or GGUF path (openai: the served model name)."""
+    engine_base_url: str | None = None
+    """Base URL of the OpenAI-compatible server when engine=openai."""
+    engine_api_key: SecretStr | None = None
+    """API key for the OpenAI-compatible server."""
+    principles_path: str | None = None
+    """Principle library YAML; default: the bundled library."""
+    her_rm_template: str | None = None
+    """Template file of the released HER-RM judge; enables template=her-rm."""
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Bearer keys (comma-separated in RM_API_KEYS). Empty: auth off."""
+    metrics_require_auth: bool = False
+    """Whether /metrics needs a key too (Prometheus scrapers often have none)."""
+    redis_url: str | None = None
+    """Redis URL for the verdict cache; unset: in-process LRU cache."""
+    cache_ttl_s: int = 7 * 24 * 3600
+    """How long a cached verdict lives."""
+    cache_max_entries: int = 100_000
+    """Size of the in-process cache when no Redis is configured."""
+    max_batch_size: int = 16
+    """Pairs per engine call (both orders of a pair go together)."""
+    max_wait_ms: float = 15.0
+    """How long the batcher waits to fill a batch after its first pair."""
+    max_queue: int = 512
+    """Pairs waiting for the engine before new requests get 429."""
+    request_timeout_s: float = 300.0
+    """Deadline of one pair from arrival to verdict; past it: 504."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest accepted request body; larger: 413."""
+    max_candidate_chars: int = 8_000
+    """Longest candidate reply; longer: 422."""
+    max_context_chars: int = 32_000
+    """Longest rendered context; longer: 422."""
+    max_items_per_request: int = 1024
+    """Most pairs or completions in one batch/rewards request; more: 422."""
+    telemetry_window: int = 1000
+    """Judgments in the rolling window of the judge-health gauges."""
+    hack_probe_every: int = 0
+    """Every Nth fresh judgment, also judge its context against a degenerate canary reply
+    (fast mode) to feed rm_hack_probe_flip_ratio. 0: off."""
+    log_level: str = "info"
+    """uvicorn log level."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _CommaSafeEnv(settings_cls), _YamlSource(settings_cls)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from (highest first) explicit overrides, RM_* env vars, the YAML file."""
+        _YamlSource.path = Path(config_file) if config_file else None
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _YamlSource.path = None
+
+
+class _CommaSafeEnv(PydanticBaseSettingsSource):
+    """RM_* variables; list fields take comma-separated text instead of JSON."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        import os
+
+        self._env = {k[3:].lower(): v for k, v in os.environ.items() if k.upper().startswith("RM_")}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._env.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        names = set(self.settings_cls.model_fields)
+        unknown = sorted(k for k in self._env if k not in names and k != "config")
+        if unknown:
+            raise ValueError(f"unknown RM_ setting(s): {', '.join('RM_' + k.upper() for k in unknown)}")
+        return {k: v for k, v in self._env.items() if k in names}
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    path: Path | None = None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        import os
+
+        path = self.path or (Path(os.environ["RM_CONFIG"]) if os.environ.get("RM_CONFIG") else None)
+        if path is None:
+            return {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of setting names to values")
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServerSettings:
+    """Process-wide settings (a FastAPI dependency; tests override it)."""
+    return ServerSettings.load()
