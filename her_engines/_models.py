@@ -97,7 +97,7 @@ def resolve_model(model: str) -> ResolvedModel:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise EngineUnavailable(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+            raise EngineUnavailable(f"model folder {path} has no config.json (not a Hugging Face folder)")
         path = path.resolve()
         return ResolvedModel(model_id=_slug(path.name), source=path, kind="hf", hf_folder=path)
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -160,6 +160,6 @@ def ensure_hf_folder(model: str | ResolvedModel) -> Path:
     log.info("converting %s to an HF folder at %s (one time)", resolved.source, resolved.hf_folder)
     try:
         _convert_gguf(resolved.source, resolved.hf_folder)
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # any loader failure means "this model is not usable here"
         raise EngineUnavailable(f"could not convert {resolved.source} to an HF folder: {exc}") from exc
     return resolved.hf_folder

@@ -65,7 +65,7 @@ from ._types import (
 ConstraintStyle = Literal["vllm", "llama_cpp", "openai"]
 _STYLES: tuple[str, ...] = ("vllm", "llama_cpp", "openai", "auto")
 # One generated token as (text, logprob, [(alternative text, logprob), ...]).
-_TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
+TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
 
 
 class OpenAIEngine:
@@ -252,7 +252,10 @@ class OpenAIEngine:
             finish_reason=_finish_reason(choice.get("finish_reason")),
         )
         if req.choices is not None:
-            return _with_choice_logprobs(result, req.choices, style, choice.get("logprobs"))
+            entries = _token_logprobs(choice.get("logprobs"))
+            quoted = style == "openai"  # the output is a JSON string literal
+            constraint = f"{style!r} choice constraint"
+            return attach_choice_logprobs(result, req.choices, entries, quoted=quoted, constraint=constraint)
         return result
 
 
@@ -296,25 +299,30 @@ def _gbnf_literal(text: str) -> str:
 # ----- responses ---------------------------------------------------------------------------------
 
 
-def _with_choice_logprobs(
-    result: GenResult, choices: list[str], style: ConstraintStyle, raw_logprobs: Any
+def attach_choice_logprobs(
+    result: GenResult, choices: list[str], entries: list[TokenLogprobs], *, quoted: bool, constraint: str
 ) -> GenResult:
-    quoted = style == "openai"  # the output is a JSON string literal
-    picked = result.text.strip()
+    """Check that `result.text` is one of `choices` and add `choice_logprobs` (see the module doc).
+
+    `entries` are the generated tokens with their top alternatives; `quoted` means the output is
+    a JSON string literal (``"A"``). A text outside the choices, or no usable logprobs, gives an
+    error result naming `constraint` (the server probably ignored it).
+    """
+    # Choices may carry meaningful whitespace (" yes"), so an exact match wins over a stripped one.
+    picked: str | None = result.text if result.text in choices else result.text.strip()
     if quoted:
         try:
-            picked = json.loads(picked)
+            picked = json.loads(result.text)
         except ValueError:
             picked = None
     if picked not in choices:
         return result.model_copy(
             update={
                 "finish_reason": "error",
-                "error": f"output {result.text!r} is not one of the choices {choices}: the server may "
-                f"ignore the {style!r} choice constraint",
+                "error": f"output {result.text!r} is not one of the choices {choices}: "
+                f"the server may ignore the {constraint}",
             }
         )
-    entries = _token_logprobs(raw_logprobs)
     scores = _choice_scores(entries, choices, quoted) if entries else None
     if scores is None:
         error = "the server returned no usable logprobs"
@@ -322,11 +330,11 @@ def _with_choice_logprobs(
     return result.model_copy(update={"text": picked, "choice_logprobs": scores})
 
 
-def _token_logprobs(raw: Any) -> list[_TokenLogprobs]:
+def _token_logprobs(raw: Any) -> list[TokenLogprobs]:
     """Normalise chat (``content: [...]``) and legacy completion (``tokens/...``) logprobs."""
     if not isinstance(raw, dict):
         return []
-    out: list[_TokenLogprobs] = []
+    out: list[TokenLogprobs] = []
     if isinstance(raw.get("content"), list):
         for item in raw["content"]:
             alts = [(a["token"], float(a["logprob"])) for a in item.get("top_logprobs") or []]
@@ -339,9 +347,7 @@ def _token_logprobs(raw: Any) -> list[_TokenLogprobs]:
     return out
 
 
-def _choice_scores(
-    entries: list[_TokenLogprobs], choices: list[str], quoted: bool
-) -> dict[str, float] | None:
+def _choice_scores(entries: list[TokenLogprobs], choices: list[str], quoted: bool) -> dict[str, float] | None:
     lead = 1 if quoted else 0  # characters before the choice text (the opening quote)
     prefix = ""
     position = None

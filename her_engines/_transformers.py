@@ -146,7 +146,9 @@ class _GrammarMask(LogitsProcessor):
                 active.append(i)
         self.first_call = False
         if active:
-            self.xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=self.vocab_size, indices=active)
+            self.xgr.apply_token_bitmask_inplace(
+                scores, self.bitmask, vocab_size=self.vocab_size, indices=active
+            )
         return scores
 
 
@@ -375,7 +377,8 @@ class TransformersEngine:
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([stop]),
         )
-        return [self._decoded_result(p, out[row, width:].tolist(), stop.done[row]) for row, p in enumerate(group)]
+        new = out[:, width:].tolist()
+        return [self._decoded_result(p, new[row], stop.done[row]) for row, p in enumerate(group)]
 
     def _decoded_result(self, p: _Prepared, new_ids: list[int], done: tuple[int, str] | None) -> GenResult:
         n, why = done if done is not None else (min(len(new_ids), p.req.max_tokens), "length")

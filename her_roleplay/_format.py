@@ -84,7 +84,8 @@ class Reply:
     def __post_init__(self) -> None:
         if self.system_thinking is not None:
             if not isinstance(self.system_thinking, str):
-                raise TypeError(f"system_thinking must be str or None, got {type(self.system_thinking).__name__}")
+                kind = type(self.system_thinking).__name__
+                raise TypeError(f"system_thinking must be str or None, got {kind}")
             if not self.system_thinking.strip():
                 raise ValueError("system_thinking is blank: pass None for a reply without a plan")
             object.__setattr__(self, "system_thinking", self.system_thinking.strip())
@@ -172,8 +173,8 @@ def _scan_tags(text: str) -> tuple[list[_Tag], list[Finding]]:
             findings.append(Finding("unknown_tag", span, f"unknown tag <{m.group(1)}{name}>{hint}; "
                                     f"known tags are {', '.join(_TAG_KIND)}"))
         elif _looks_like_known(name):
-            findings.append(Finding("malformed_tag", span,
-                                    f"broken tag {m.group(0)!r}: a known tag must end with '>' right after its name"))
+            findings.append(Finding("malformed_tag", span, f"broken tag {m.group(0)!r}: a known tag must "
+                                    "end with '>' right after its name"))
     return tags, findings
 
 
@@ -381,21 +382,22 @@ def strip_system_thinking(text: str) -> str:
     after a block that opens the text is removed too, since it only separated the plan from the
     reply. Text without a system_thinking comes back unchanged.
     """
-    blocks = parse_reply_located(text).system_blocks
-    if not blocks:
-        return text
-    out: list[str] = []
-    pos = 0
-    for start, end in blocks:
-        if start < pos:  # a block inside a block: already removed
-            continue
-        out.append(text[pos:start])
-        pos = end
-        if not "".join(out).strip():
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-    out.append(text[pos:])
-    return "".join(out)
+    # Removing a block can join the text around it into a new tag ("<system_<system_thinking>..."),
+    # so repeat until none is left; each pass removes at least one character.
+    while blocks := parse_reply_located(text).system_blocks:
+        out: list[str] = []
+        pos = 0
+        for start, end in blocks:
+            if start < pos:  # a block inside a block: already removed
+                continue
+            out.append(text[pos:start])
+            pos = end
+            if not "".join(out).strip():
+                while pos < len(text) and text[pos].isspace():
+                    pos += 1
+        out.append(text[pos:])
+        text = "".join(out)
+    return text
 
 
 def _visible(reply: Reply) -> Reply:

@@ -28,9 +28,9 @@ read as the speaker narrated from outside; in a thought that does say "I", it is
 - ``mind_reading`` fires for an inner-state assertion whose subject is another character: a name
   from ``others`` (full name, first name, surname or title + surname), or ``he``/``she`` in a
   thought that says "I". It does not fire when the sentence is hedged: a question, or any of "might",
-  "may", "perhaps", "maybe", "probably", "seems", "appears", "looks", "could", "would", "if",
-  "whether", "must be"/"must have" (inference), "as if", or "I think/suspect/guess/imagine/feel/...".
-  The hedge scope is the whole sentence.
+  "may", "perhaps", "maybe", "probably", "seems", "appears", "looks" (not "looks at"), "could",
+  "would", "if", "whether", "must be"/"must have" (inference), "as if", or "I think/suspect/guess/
+  imagine/feel/...". The hedge scope is the whole sentence.
 
 Quoted text ("...", '...', curly quotes) is ignored by all rules. Names match case-sensitively; a
 name form shared by the speaker and another character (a family surname) is not used.
@@ -99,16 +99,20 @@ _EMOTIONS = frozenset("""
     hurt sad unhappy miserable heartbroken lonely desperate happy glad delighted pleased amused thrilled
     excited eager relieved disappointed proud confused torn conflicted smitten infatuated enamoured
     enamored attracted hostile contemptuous disgusted offended insulted upset distressed hopeful
-    grateful devastated troubled tormented love
+    grateful devastated troubled tormented love outraged indignant incensed displeased impatient bored
+    suspicious fond sorry regretful remorseful wary insecure
 """.split())
 _MARKERS = frozenset({"inside", "inwardly"})
 _MARKER_BIGRAMS = frozenset({("deep", "down"), ("at", "heart")})
 _HEDGES = frozenset({
     "might", "may", "perhaps", "maybe", "possibly", "probably", "likely", "seems", "seem", "seemed",
-    "seemingly", "appears", "appear", "appeared", "apparently", "looks", "look", "looked", "sounds",
+    "seemingly", "appears", "appear", "appeared", "apparently", "sounds",
     "could", "would", "if", "whether", "unless", "presumably", "supposedly", "pretends", "pretend",
     "wonder", "wondering",
 })
+_LOOKS = frozenset({"look", "looks", "looked"})  # "he looks angry" hedges, "I look at him" does not
+_LOOK_AWAY = frozenset({"at", "around", "away", "up", "down", "into", "out", "over", "back", "through",
+                        "toward", "towards", "for", "upon", "on"})
 _HEDGE_BIGRAMS = frozenset({("must", "be"), ("must", "have"), ("as", "if"), ("as", "though")})
 _HEDGING_VERBS_AFTER_I = frozenset({
     "think", "believe", "suspect", "guess", "imagine", "suppose", "sense", "feel", "hope", "fear",
@@ -118,7 +122,9 @@ _CONJUNCTIONS = frozenset({"and", "but", "yet", "or", "though", "although", "bec
                            "whereas", "since", "that", "when"})
 _CONNECTIVES = _CONJUNCTIONS | {"now", "then", "still", "perhaps", "surely", "oh", "well", "alas", "so"}
 
-_TOKEN = re.compile(r"(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*['’]?)|(?P<stop>[.!?;\n]+)|(?P<pause>[,:()]|—|–|--)")
+_TOKEN = re.compile(
+    r"(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*['’]?)|(?P<stop>[.!?;\n]+)|(?P<pause>[,:()]|—|–|--)"
+)
 _QUOTES = re.compile(r"\"[^\"]*\"|“[^”]*”|(?<![^\W\d_])['‘][^'‘’]*['’](?![^\W\d_])")
 
 
@@ -255,9 +261,10 @@ def _hedged(sentence: _Sentence) -> bool:
     if sentence.question:
         return True
     lows = [w.low for w in sentence.words]
-    pairs = set(zip(lows, lows[1:], strict=False))
+    pairs = set(zip(lows, [*lows[1:], ""], strict=True))
     return (
         any(low in _HEDGES for low in lows)
+        or any(a in _LOOKS and b not in _LOOK_AWAY for a, b in pairs)
         or bool(pairs & _HEDGE_BIGRAMS)
         or any(a == "i" and b in _HEDGING_VERBS_AFTER_I for a, b in pairs)
     )

@@ -294,7 +294,7 @@ class MicroBatcher(Generic[T, R]):
 
     async def _run(self, batch: list[_Entry[T]]) -> None:
         # Waiters that timed out or were cancelled since collection: do not spend compute on them.
-        live = batch
+        live = [e for e in batch if not e.future.done()]
         if not live:
             return
         for e in live:

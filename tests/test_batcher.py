@@ -188,6 +188,17 @@ async def test_timed_out_item_is_not_run_if_its_batch_had_not_started() -> None:
     assert engine.batches == [["busy"], ["after"]]
 
 
+async def test_item_timed_out_while_its_batch_was_collecting_is_left_out() -> None:
+    engine = FakeEngine()
+    b = MicroBatcher(engine, max_batch_size=2, max_wait_ms=LONG_WAIT_MS)
+    async with serving(b):
+        with pytest.raises(BatchTimeout):
+            await b.submit("gone", timeout_s=0.05)  # collected, then its waiter gives up
+        assert await settle(b.submit("y"), b.submit("z"), b.submit("w")) == ["r:y", "r:z", "r:w"]
+    # "gone" and "y" filled the first batch, but only the live item reached the engine.
+    assert engine.batches == [["y"], ["z", "w"]]
+
+
 async def test_timeout_during_a_running_batch_discards_the_result() -> None:
     engine = FakeEngine(gated=True)
     b = MicroBatcher(engine, max_batch_size=1, max_wait_ms=0, request_timeout_s=0.05)
