@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve redis bench lint clean
+.PHONY: install test serve redis promtool bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ redis:
 	    --dir /tmp/her-redis --logfile /tmp/her-redis/redis.log; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done; }
 
-test: install redis
+# promtool validates the shipped alert rules in a test; best effort (needs root + apt).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	   >/dev/null) || echo "promtool unavailable: its test will be skipped"; }
+
+test: install redis promtool
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 serve: install

@@ -11,6 +11,8 @@ How a call to :meth:`TransformersEngine.generate` is served:
 - ``choices`` requests decode nothing: the prompt runs once, its KV cache is repeated for every
   choice and one teacher-forced forward scores all choices exactly.
 - All model work runs on one worker thread, one batch at a time, so the event loop never blocks.
+
+A ``json_schema`` constrains the generated text only (after any prefill), so ``text`` itself parses.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ class TransformersEngine:
     `model` is a name or path understood by :func:`resolve_model`. `max_batch_size` caps how many
     requests share one forward. `threads` sets torch's CPU threads (default: all cores).
     Raises `EngineUnavailable` if the model cannot be found or loaded, `EngineBadRequest` for
-    invalid options.
+    invalid options. `model_path` is the HF folder actually loaded; `render(req)` shows the prompt text.
     """
 
     def __init__(
@@ -245,7 +247,11 @@ class TransformersEngine:
         if not requests:
             return []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate_sync, list(requests))
+        try:
+            future = loop.run_in_executor(self._executor, self._generate_sync, list(requests))
+        except RuntimeError as exc:  # the executor was shut down by a concurrent aclose()
+            raise EngineUnavailable("engine is closed") from exc
+        return await future
 
     async def aclose(self) -> None:
         """Wait for running work, then free the model. Safe to call twice."""

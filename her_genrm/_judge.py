@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
@@ -57,6 +58,7 @@ def _slot_to_winner(slot: Slot, a_first: bool) -> Winner:
 class GenRMConfig:
     """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
 
+    principle_detail: Literal["definition", "name"] = "name"
     cot_max_tokens: int = 360
     her_rm_max_tokens: int = 1536
     temperature: float = 0.0
@@ -68,6 +70,7 @@ class GenRMConfig:
             "her_rm_max_tokens": self.her_rm_max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "principle_detail": self.principle_detail,
         }
 
 
@@ -81,17 +84,28 @@ class GenRM:
     config: GenRMConfig = field(default_factory=GenRMConfig)
 
     def __post_init__(self) -> None:
-        self.compact = CompactTemplate(self.library)
+        self.compact = CompactTemplate(self.library, principle_detail=self.config.principle_detail)
         self._known_ids = set(self.library.ids())
 
     @classmethod
     def from_paths(
-        cls, engine: Engine, *, principles: str | Path | None = None, her_rm_template: str | Path | None = None
+        cls,
+        engine: Engine,
+        *,
+        principles: str | Path | PrincipleLibrary | None = None,
+        her_rm_template: str | Path | None = None,
+        config: GenRMConfig | None = None,
     ) -> GenRM:
+        """A judge from file paths (None: the bundled principles; no her-rm template)."""
+        if isinstance(principles, PrincipleLibrary):
+            library = principles
+        else:
+            library = PrincipleLibrary.load(principles) if principles else default_library()
         return cls(
             engine=engine,
-            library=PrincipleLibrary.load(principles) if principles else default_library(),
+            library=library,
             her_rm_template=HerRMTemplate.load(her_rm_template) if her_rm_template else None,
+            config=config or GenRMConfig(),
         )
 
     @property

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from her_engines import Engine, create_engine
-from her_genrm import GenRM
+from her_genrm import GenRM, GenRMConfig
 from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
@@ -134,8 +134,8 @@ def build_app(
     owns_engine = engine is None
 
     def make_genrm(loaded: Engine) -> GenRM:
-        return GenRM.from_paths(loaded, her_rm_template=settings.her_rm_template) if settings.her_rm_template \
-            else GenRM(loaded, library=library)
+        config = GenRMConfig(principle_detail=settings.principle_detail)
+        return GenRM.from_paths(loaded, principles=library, her_rm_template=settings.her_rm_template, config=config)
 
     async def load_engine() -> None:
         try:

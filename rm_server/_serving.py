@@ -67,6 +67,7 @@ class JudgeService:
             request_timeout_s=s.request_timeout_s,
             on_batch=self.telemetry.observe_batch,
         )
+        self.telemetry.set_queue_capacity(s.max_queue)
 
     @property
     def ready(self) -> bool:

@@ -25,7 +25,9 @@ def free_port() -> int:
 def serve_app(app, *, ready_path: str = "/healthz", timeout: float = 60.0) -> Iterator[str]:
     """Run `app` with uvicorn in a thread (real sockets, real HTTP); yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -64,7 +66,8 @@ class RedisProcess:
             raise RuntimeError("redis-server is not installed")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -293,7 +293,12 @@ async def test_lifecycle_and_argument_errors() -> None:
             await b.submit(1, timeout_s=0)
         assert await settle(b.submit(1)) == ["r:1"]
     await b.stop()  # stopping twice is a no-op
-    for bad in ({"max_batch_size": 0}, {"max_wait_ms": -1}, {"max_queue": 0},
-                {"request_timeout_s": 0}, {"max_concurrent_batches": 0}):
+    for bad in (
+        {"max_batch_size": 0},
+        {"max_wait_ms": -1},
+        {"max_queue": 0},
+        {"request_timeout_s": 0},
+        {"max_concurrent_batches": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MicroBatcher(engine, **bad)

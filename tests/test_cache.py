@@ -41,8 +41,14 @@ def _verdict(**kw) -> Verdict:
             Comparison(principle="p2", winner="b"),
         ],
         orders=[
-            OrderResult(a_first=True, status="ok", winner="a", p_a=0.8, pattern="all_a",
-                        comparisons=[Comparison(principle="p1", winner="a")]),
+            OrderResult(
+                a_first=True,
+                status="ok",
+                winner="a",
+                p_a=0.8,
+                pattern="all_a",
+                comparisons=[Comparison(principle="p1", winner="a")],
+            ),
             OrderResult(a_first=False, status="ok", winner="tie", p_a=0.6, pattern="tie"),
         ],
         model="judge@rev1",
@@ -156,8 +162,11 @@ def test_mirror_swaps_everything_orientation_dependent():
 
 
 def test_mirror_twice_is_identity():
-    for v in (_verdict(), _verdict(p_a=0.5, verdict="tie", pattern="all_b"),
-              Verdict(status="error", error="boom")):
+    for v in (
+        _verdict(),
+        _verdict(p_a=0.5, verdict="tie", pattern="all_b"),
+        Verdict(status="error", error="boom"),
+    ):
         twice = mirror_verdict(mirror_verdict(v))
         assert twice.p_a == pytest.approx(v.p_a, abs=1e-12) if v.p_a is not None else twice.p_a is None
         # everything but float rounding of p_a is exactly equal
@@ -326,9 +335,19 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # readiness wait, not a timing assertion
@@ -440,8 +459,9 @@ async def test_redis_hung_server_times_out_without_raising():
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     errors: list[str] = []
-    c = RedisVerdictCache(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.1, on_error=errors.append,
-                          circuit_open_s=0)
+    c = RedisVerdictCache(
+        f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.1, on_error=errors.append, circuit_open_s=0
+    )
     try:
         assert await c.get("k") is None
         await c.set("k", _verdict())

@@ -19,6 +19,7 @@ from _openai_server import ServerProcess, free_port, llama_cpp_server, llama_cpp
 
 from her_engines import (
     ChatMessage,
+    Engine,
     EngineBadRequest,
     EngineTimeout,
     EngineUnavailable,
@@ -70,6 +71,7 @@ async def llama_engine(llama_server: ServerProcess) -> AsyncIterator[OpenAIEngin
 
 async def test_plain_chat_returns_text_and_token_counts(llama_engine: OpenAIEngine) -> None:
     [result] = await llama_engine.generate([GenRequest(messages=_user("Name a colour."), max_tokens=12)])
+    assert isinstance(llama_engine, Engine)
     assert llama_engine.constraint_style == "llama_cpp"  # detected from GET /v1/models
     assert result.error is None and result.text.strip()
     assert result.prompt_tokens > 5
@@ -127,13 +129,20 @@ async def test_eight_concurrent_requests_keep_their_order(llama_engine: OpenAIEn
         assert result.text in (f"alpha{i}", f"beta{i}")
 
 
-async def test_a_style_the_server_rejects_raises_bad_request_with_its_message(
+async def test_a_style_the_server_rejects_fails_that_request_with_its_message(
     llama_server: ServerProcess,
 ) -> None:
-    # llama-cpp-python only knows response_format types "text" and "json_object": 422.
+    # llama-cpp-python knows only the response_format types "text" and "json_object"; it reports
+    # its validation error as a 500, so the request fails alone and the server's words are kept.
     async with OpenAIEngine("m", base_url=llama_server.base_url, constraint_style="openai") as eng:
-        with pytest.raises(EngineBadRequest, match=r"\(422\).*json_schema"):
-            await eng.generate([GenRequest(messages=_user("hi"), max_tokens=8, json_schema=VERDICT_SCHEMA)])
+        bad, good = await eng.generate(
+            [
+                GenRequest(messages=_user("hi"), max_tokens=8, json_schema=VERDICT_SCHEMA),
+                GenRequest(messages=_user("hi"), max_tokens=4),
+            ]
+        )
+    assert bad.finish_reason == "error" and "500" in (bad.error or "") and "json_object" in (bad.error or "")
+    assert good.error is None and good.completion_tokens > 0
 
 
 # ----- injected faults -----------------------------------------------------------------------------

@@ -80,8 +80,9 @@ async def test_json_schema_output_is_valid(engine) -> None:
         json_schema=MOOD_SCHEMA,
         max_tokens=40,
     )
-    other = GenRequest(messages=[{"role": "user", "content": "Pick A or B."}], json_schema=VERDICT_SCHEMA,
-                       max_tokens=20)
+    other = GenRequest(
+        messages=[{"role": "user", "content": "Pick A or B."}], json_schema=VERDICT_SCHEMA, max_tokens=20
+    )
     mood, verdict = await engine.generate([req, other])  # two schemas in one batch
     assert mood.finish_reason == "stop", mood
     check_mood(json.loads(mood.text))
@@ -132,8 +133,11 @@ async def test_mixed_batch_keeps_order(engine) -> None:
     reqs = [
         GenRequest(prompt="Q: 2+2=? A:", choices=["4", "5"]),
         GenRequest(messages=ASK, max_tokens=8),
-        GenRequest(messages=[{"role": "user", "content": "Pick A or B, please, in JSON."}],
-                   json_schema=VERDICT_SCHEMA, max_tokens=20),
+        GenRequest(
+            messages=[{"role": "user", "content": "Pick A or B, please, in JSON."}],
+            json_schema=VERDICT_SCHEMA,
+            max_tokens=20,
+        ),
         GenRequest(prompt="Once upon a time there was", max_tokens=8, temperature=0.7, seed=1),
     ]
     results = await engine.generate(reqs)
@@ -148,8 +152,10 @@ async def test_mixed_batch_keeps_order(engine) -> None:
 async def test_left_padding_does_not_change_greedy_output(engine) -> None:
     short = GenRequest(prompt="The capital of France is", max_tokens=24)
     others = [
-        GenRequest(prompt="Write a long story about a dragon and a knight who become friends after a fight.",
-                   max_tokens=24),
+        GenRequest(
+            prompt="Write a long story about a dragon and a knight who become friends after a fight.",
+            max_tokens=24,
+        ),
         GenRequest(messages=ASK, max_tokens=12),
     ]
     (alone,) = await engine.generate([short])
@@ -188,8 +194,9 @@ async def test_bad_request_fails_alone(engine) -> None:
     good = GenRequest(prompt="The capital of France is", max_tokens=6)
     too_long = GenRequest(prompt="word " * 9000, max_tokens=6)
     bad_choice = GenRequest(prompt="Pick", choices=["", "x"])
-    bad_schema = GenRequest(prompt="JSON:", json_schema={"type": "object", "properties": {"a": {"type": 7}}},
-                            max_tokens=6)
+    bad_schema = GenRequest(
+        prompt="JSON:", json_schema={"type": "object", "properties": {"a": {"type": 7}}}, max_tokens=6
+    )
     (alone,) = await engine.generate([good])
     results = await engine.generate([too_long, good, bad_choice, bad_schema])
     assert results[1].error is None and results[1].text == alone.text

@@ -28,8 +28,13 @@ from her_roleplay._validate import FINDING_CODES
 
 FIXTURE = Path("/work/shared/fixtures/coser_test_sample_pride_and_prejudice.json")
 MESSAGES = [d["message"] for d in json.loads(FIXTURE.read_text(encoding="utf-8"))["dialogues"]]
-PARSER_CODES = {"malformed_tag", "nested_tag", "unknown_tag", "duplicate_system_thinking",
-                "misplaced_system_thinking"}
+PARSER_CODES = {
+    "malformed_tag",
+    "nested_tag",
+    "unknown_tag",
+    "duplicate_system_thinking",
+    "misplaced_system_thinking",
+}
 
 T, A, S = "thinking", "action", "speech"
 
@@ -56,7 +61,12 @@ def test_segment_strips_and_rejects_blank_or_unknown_kind() -> None:
 def test_reply_joins_adjacent_speech_but_not_other_kinds() -> None:
     r = reply((S, "Hello."), (S, "Goodbye."), (T, "a"), (T, "b"), (A, "x"), (A, "y"))
     assert [(s.kind, s.text) for s in r.segments] == [
-        (S, "Hello. Goodbye."), (T, "a"), (T, "b"), (A, "x"), (A, "y")]
+        (S, "Hello. Goodbye."),
+        (T, "a"),
+        (T, "b"),
+        (A, "x"),
+        (A, "y"),
+    ]
     with pytest.raises(ValueError, match="None"):
         Reply("  ", ())
     assert Reply(" plan ", ()).system_thinking == "plan"
@@ -66,18 +76,27 @@ def test_reply_joins_adjacent_speech_but_not_other_kinds() -> None:
 
 
 def test_parse_full_reply() -> None:
-    text = ("<system_thinking>Portray Elizabeth as guarded.</system_thinking>"
-            "<role_thinking>I feel dread.</role_thinking><role_action>follows her father</role_action>"
-            "What is it, Papa?<role_thinking>Stay calm.</role_thinking>")
+    text = (
+        "<system_thinking>Portray Elizabeth as guarded.</system_thinking>"
+        "<role_thinking>I feel dread.</role_thinking><role_action>follows her father</role_action>"
+        "What is it, Papa?<role_thinking>Stay calm.</role_thinking>"
+    )
     r, findings = parse_reply(text)
     assert findings == []
-    assert r == reply((T, "I feel dread."), (A, "follows her father"), (S, "What is it, Papa?"),
-                      (T, "Stay calm."), plan="Portray Elizabeth as guarded.")
+    assert r == reply(
+        (T, "I feel dread."),
+        (A, "follows her father"),
+        (S, "What is it, Papa?"),
+        (T, "Stay calm."),
+        plan="Portray Elizabeth as guarded.",
+    )
 
 
 def test_parse_trims_whitespace_between_tags_and_drops_empty_segments() -> None:
-    text = ("<system_thinking> plan </system_thinking>\n<role_action> nods </role_action>  Yes.  "
-            "<role_thinking> </role_thinking>")
+    text = (
+        "<system_thinking> plan </system_thinking>\n<role_action> nods </role_action>  Yes.  "
+        "<role_thinking> </role_thinking>"
+    )
     r, findings = parse_reply(text)
     assert findings == []
     assert r == reply((A, "nods"), (S, "Yes."), plan="plan")
@@ -96,18 +115,32 @@ def test_ordinary_angle_brackets_are_text() -> None:
         ("malformed_tag", "Hi.</role_action>", "<role_action>waves</role_action>Hi."),
         ("malformed_tag", "Hi. <role_thin", "Hi. <role_thinking>I</role_thinking>"),
         ("malformed_tag", "<role_action type='x'>waves</role_action>", "<role_action>waves</role_action>"),
-        ("nested_tag", "<role_thinking>I <role_action>nod</role_action> see.</role_thinking>",
-         "<role_thinking>I see.</role_thinking><role_action>nod</role_action>"),
-        ("unknown_tag", "<inner>I am tired.</inner>Hello.",
-         "<role_thinking>I am tired.</role_thinking>Hello."),
+        (
+            "nested_tag",
+            "<role_thinking>I <role_action>nod</role_action> see.</role_thinking>",
+            "<role_thinking>I see.</role_thinking><role_action>nod</role_action>",
+        ),
+        (
+            "unknown_tag",
+            "<inner>I am tired.</inner>Hello.",
+            "<role_thinking>I am tired.</role_thinking>Hello.",
+        ),
         ("unknown_tag", "<Role_Thinking>x</Role_Thinking>", "<role_thinking>x</role_thinking>"),
-        ("duplicate_system_thinking",
-         "<system_thinking>a</system_thinking><system_thinking>b</system_thinking>Hi.",
-         "<system_thinking>a b</system_thinking>Hi."),
-        ("misplaced_system_thinking", "Hi.<system_thinking>plan</system_thinking>",
-         "<system_thinking>plan</system_thinking>Hi."),
-        ("misplaced_system_thinking", "<role_action>sits</role_action><system_thinking>p</system_thinking>",
-         "  <system_thinking>p</system_thinking><role_action>sits</role_action>"),
+        (
+            "duplicate_system_thinking",
+            "<system_thinking>a</system_thinking><system_thinking>b</system_thinking>Hi.",
+            "<system_thinking>a b</system_thinking>Hi.",
+        ),
+        (
+            "misplaced_system_thinking",
+            "Hi.<system_thinking>plan</system_thinking>",
+            "<system_thinking>plan</system_thinking>Hi.",
+        ),
+        (
+            "misplaced_system_thinking",
+            "<role_action>sits</role_action><system_thinking>p</system_thinking>",
+            "  <system_thinking>p</system_thinking><role_action>sits</role_action>",
+        ),
     ],
 )
 def test_parser_findings(code: str, bad: str, good: str) -> None:
@@ -198,8 +231,10 @@ def test_fixture_has_the_expected_shapes() -> None:
 
 def test_render_her_coser_display() -> None:
     r = reply((T, "I feel dread."), (A, "follows"), (S, "What is it?"), plan="Portray her.")
-    assert render_her(r) == ("<system_thinking>Portray her.</system_thinking><role_thinking>I feel dread."
-                             "</role_thinking><role_action>follows</role_action>What is it?")
+    assert render_her(r) == (
+        "<system_thinking>Portray her.</system_thinking><role_thinking>I feel dread."
+        "</role_thinking><role_action>follows</role_action>What is it?"
+    )
     assert render_her(r, include_system_thinking=False).startswith("<role_thinking>")
     assert render_coser(r) == "[I feel dread.] (follows) What is it?"
     assert render_display(r) == "*follows* What is it?"
@@ -244,8 +279,12 @@ def test_public_view_keeps_actions_and_speech_only() -> None:
 
 # --- properties ----------------------------------------------------------------------------------------
 
-SAFE = st.text(st.characters(codec="utf-8", exclude_characters="<>[]()", exclude_categories=("Cs", "Cc")) |
-               st.sampled_from("\n\t"), min_size=1, max_size=30).filter(lambda s: s.strip() != "")
+SAFE = st.text(
+    st.characters(codec="utf-8", exclude_characters="<>[]()", exclude_categories=("Cs", "Cc"))
+    | st.sampled_from("\n\t"),
+    min_size=1,
+    max_size=30,
+).filter(lambda s: s.strip() != "")
 SEGMENTS = st.lists(st.tuples(st.sampled_from([T, A, S]), SAFE), max_size=6)
 PLANS = st.none() | SAFE
 
@@ -269,9 +308,31 @@ def test_coser_round_trip(parts: list[tuple[str, str]]) -> None:
 
 
 TAGGY = st.lists(
-    st.sampled_from(["<system_thinking>", "</system_thinking>", "<role_thinking>", "</role_thinking>",
-                     "<role_action>", "</role_action>", "<role_thin", "<inner>", "</x>", "<", ">", "[",
-                     "]", "(", ")", " ", "I feel", "he is angry", "Hi.", "\n"]) | st.text(max_size=5),
+    st.sampled_from(
+        [
+            "<system_thinking>",
+            "</system_thinking>",
+            "<role_thinking>",
+            "</role_thinking>",
+            "<role_action>",
+            "</role_action>",
+            "<role_thin",
+            "<inner>",
+            "</x>",
+            "<",
+            ">",
+            "[",
+            "]",
+            "(",
+            ")",
+            " ",
+            "I feel",
+            "he is angry",
+            "Hi.",
+            "\n",
+        ]
+    )
+    | st.text(max_size=5),
     max_size=25,
 ).map("".join)
 ANY_TEXT = st.text(max_size=80) | TAGGY

@@ -33,10 +33,18 @@ def _write(tmp_path: Path, records: list, name: str = "p.yaml") -> Path:
 # ---------------------------------------------------------------- bundled content
 def test_dimensions_are_the_twelve_in_order() -> None:
     assert DIMENSIONS == (
-        "Character Development", "Relationship Development", "Emotional Expression",
-        "Action Description", "Atmosphere & Environment", "Dialogue & Interaction",
-        "Narrative & Plot", "Conflict & Tension", "Details & Description", "Overall Quality",
-        "Safety & Boundaries", "Worldview Consistency",
+        "Character Development",
+        "Relationship Development",
+        "Emotional Expression",
+        "Action Description",
+        "Atmosphere & Environment",
+        "Dialogue & Interaction",
+        "Narrative & Plot",
+        "Conflict & Tension",
+        "Details & Description",
+        "Overall Quality",
+        "Safety & Boundaries",
+        "Worldview Consistency",
     )
 
 
@@ -60,9 +68,19 @@ def test_bundled_ids_unique_slugs(lib: PrincipleLibrary) -> None:
 
 
 def test_bundled_has_the_core_role_play_flaws(lib: PrincipleLibrary) -> None:
-    for pid in ("breaks_character", "mind_reading", "system_thinking_leak", "repeats_earlier_lines",
-                "speaks_for_others", "contradicts_setting", "empty_or_degenerate", "broken_format",
-                "overlong_monologue", "out_of_era_language", "unsafe_beyond_scene"):
+    for pid in (
+        "breaks_character",
+        "mind_reading",
+        "system_thinking_leak",
+        "repeats_earlier_lines",
+        "speaks_for_others",
+        "contradicts_setting",
+        "empty_or_degenerate",
+        "broken_format",
+        "overlong_monologue",
+        "out_of_era_language",
+        "unsafe_beyond_scene",
+    ):
         assert lib.get(pid).polarity == "negative", pid
     assert lib.get("inner_thought_subtext").polarity == "positive"
 
@@ -101,10 +119,18 @@ def test_version_is_stable_and_order_independent(tmp_path: Path, lib: PrincipleL
     assert PrincipleLibrary.load(_write(tmp_path, shuffled)).version == lib.version
 
 
-@pytest.mark.parametrize("field,value", [("definition", "Something else entirely."), ("level", "flip"),
-                                         ("polarity", "flip"), ("name", "Renamed")])
-def test_version_changes_with_any_field(tmp_path: Path, lib: PrincipleLibrary, field: str,
-                                        value: str) -> None:
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("definition", "Something else entirely."),
+        ("level", "flip"),
+        ("polarity", "flip"),
+        ("name", "Renamed"),
+    ],
+)
+def test_version_changes_with_any_field(
+    tmp_path: Path, lib: PrincipleLibrary, field: str, value: str
+) -> None:
     recs = _records()
     if value == "flip":
         options = {"level": ("sentence", "session"), "polarity": ("negative", "positive")}[field]
@@ -124,12 +150,12 @@ def test_whitespace_only_edits_keep_the_version(tmp_path: Path, lib: PrincipleLi
 # ---------------------------------------------------------------- validation
 def test_bad_file_lists_every_problem(tmp_path: Path) -> None:
     recs = _records()
-    recs[1]["id"] = recs[0]["id"]                     # duplicate
-    recs[2]["dimension"] = "Vibes"                     # unknown dimension
-    recs[3]["id"] = "Bad-Id"                           # not a slug
-    recs[4]["polarity"] = "neutral"                    # bad enum
-    del recs[5]["definition"]                          # missing field
-    recs[6]["weight"] = 2                              # unknown field
+    recs[1]["id"] = recs[0]["id"]  # duplicate
+    recs[2]["dimension"] = "Vibes"  # unknown dimension
+    recs[3]["id"] = "Bad-Id"  # not a slug
+    recs[4]["polarity"] = "neutral"  # bad enum
+    del recs[5]["definition"]  # missing field
+    recs[6]["weight"] = 2  # unknown field
     with pytest.raises(ValueError) as info:
         PrincipleLibrary.load(_write(tmp_path, recs))
     msg = str(info.value)
@@ -142,12 +168,15 @@ def test_bad_file_lists_every_problem(tmp_path: Path) -> None:
     assert "entry 6" in msg and "weight" in msg
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("principles: [\n  - id: x", "invalid YAML"),
-    ("- id: a\n", "'principles' list"),
-    ("principles: []\n", "no principles"),
-    ("principles: [42]\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("principles: [\n  - id: x", "invalid YAML"),
+        ("- id: a\n", "'principles' list"),
+        ("principles: []\n", "no principles"),
+        ("principles: [42]\n", "expected a mapping"),
+    ],
+)
 def test_malformed_files(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text, encoding="utf-8")
@@ -162,8 +191,14 @@ def test_missing_file_is_not_silently_replaced(tmp_path: Path) -> None:
 
 
 def test_principle_validates_on_its_own() -> None:
-    ok = dict(id="a_b", name="N", dimension="Overall Quality", definition="D.", level="sentence",
-              polarity="positive")
+    ok = dict(
+        id="a_b",
+        name="N",
+        dimension="Overall Quality",
+        definition="D.",
+        level="sentence",
+        polarity="positive",
+    )
     assert Principle(**ok).id == "a_b"
     with pytest.raises(ValidationError, match="unknown dimension"):
         Principle(**{**ok, "dimension": "overall quality"})

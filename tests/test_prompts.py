@@ -237,10 +237,16 @@ def test_chat_prompt_for_the_opening_speaker(scene: Scene) -> None:
 
 def test_chat_prompt_applies_visibility_rules(scene: Scene) -> None:
     history = [
-        (FATHER, "<system_thinking>Portray Mr Bennet as teasing.</system_thinking>"
-                 "<role_thinking>This will be fun.</role_thinking>Lizzy, come in."),
-        (LIZZY, "<system_thinking>Portray Elizabeth as wary.</system_thinking><role_thinking>I dread this."
-                "</role_thinking><role_action>steps inside</role_action>Yes, Papa?"),
+        (
+            FATHER,
+            "<system_thinking>Portray Mr Bennet as teasing.</system_thinking>"
+            "<role_thinking>This will be fun.</role_thinking>Lizzy, come in.",
+        ),
+        (
+            LIZZY,
+            "<system_thinking>Portray Elizabeth as wary.</system_thinking><role_thinking>I dread this."
+            "</role_thinking><role_action>steps inside</role_action>Yes, Papa?",
+        ),
         ("Environment", "A clock ticks on the mantel."),
     ]
     messages = build_chat_prompt(scene, FATHER, history)

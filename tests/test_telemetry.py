@@ -18,8 +18,13 @@ from rm_server._telemetry import JudgeTelemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLLING = [
-    "rm_swap_consistency_ratio", "rm_first_slot_win_ratio", "rm_prefer_longer_ratio",
-    "rm_pattern_top1_ratio", "rm_pattern_entropy_bits", "rm_tie_ratio", "rm_parse_failure_ratio",
+    "rm_swap_consistency_ratio",
+    "rm_first_slot_win_ratio",
+    "rm_prefer_longer_ratio",
+    "rm_pattern_top1_ratio",
+    "rm_pattern_entropy_bits",
+    "rm_tie_ratio",
+    "rm_parse_failure_ratio",
     "rm_hack_probe_flip_ratio",
 ]
 PATTERNS = ("all_a", "all_b", "mixed", "tie")
@@ -42,18 +47,29 @@ def val(tel: JudgeTelemetry, name: str, **labels: str) -> float:
 
 
 def order(a_first: bool, winner: str | None, status: str = "ok") -> OrderResult:
-    return OrderResult(a_first=a_first, status=status, winner=winner if status == "ok" else None,
-                       error=None if status == "ok" else "unparseable")
+    return OrderResult(
+        a_first=a_first,
+        status=status,
+        winner=winner if status == "ok" else None,
+        error=None if status == "ok" else "unparseable",
+    )
 
 
-def verdict(winner: str | None, pattern: str | None = None, orders: list[OrderResult] | None = None,
-            **kw) -> Verdict:
+def verdict(
+    winner: str | None, pattern: str | None = None, orders: list[OrderResult] | None = None, **kw
+) -> Verdict:
     """A swapped, consistent verdict by default: both orders name the same winner."""
     if orders is None:
         orders = [order(True, winner), order(False, winner)]
     status = "ok" if winner is not None else "error"
-    return Verdict(verdict=winner, pattern=pattern, orders=orders, status=status,
-                   consistent=None if winner is None else len({o.winner for o in orders}) == 1, **kw)
+    return Verdict(
+        verdict=winner,
+        pattern=pattern,
+        orders=orders,
+        status=status,
+        consistent=None if winner is None else len({o.winner for o in orders}) == 1,
+        **kw,
+    )
 
 
 # --- rolling gauges ----------------------------------------------------------------------------------
@@ -116,8 +132,9 @@ def test_single_order_and_failed_orders_do_not_count_as_swapped_pairs():
     tel.record_verdict(verdict("b", "all_b", orders=[order(False, "b")]), len_a=3, len_b=3)
     assert math.isnan(val(tel, "rm_swap_consistency_ratio"))  # no swapped pair yet
     assert val(tel, "rm_first_slot_win_ratio") == 1.0  # b was shown first and won
-    tel.record_verdict(verdict("a", "all_a", orders=[order(True, "a"), order(False, None, "error")]),
-                       len_a=3, len_b=3)
+    tel.record_verdict(
+        verdict("a", "all_a", orders=[order(True, "a"), order(False, None, "error")]), len_a=3, len_b=3
+    )
     assert math.isnan(val(tel, "rm_swap_consistency_ratio"))  # one order failed: not comparable
     assert val(tel, "rm_parse_failure_ratio") == pytest.approx(1 / 3)
 
@@ -154,8 +171,10 @@ def test_running_sums_match_a_full_recount():
     tel = JudgeTelemetry(window=7)
     history: list[tuple[Verdict, int, int]] = []
     for _ in range(200):
-        orders = [order(a_first, rng.choice(["a", "b", "tie"]), rng.choice(["ok", "ok", "ok", "error"]))
-                  for a_first in rng.sample([True, False], rng.choice([1, 2]))]
+        orders = [
+            order(a_first, rng.choice(["a", "b", "tie"]), rng.choice(["ok", "ok", "ok", "error"]))
+            for a_first in rng.sample([True, False], rng.choice([1, 2]))
+        ]
         oks = [o for o in orders if o.status == "ok"]
         winner = oks[0].winner if oks else None
         v = verdict(winner, rng.choice(PATTERNS) if winner else None, orders=orders)
@@ -164,18 +183,23 @@ def test_running_sums_match_a_full_recount():
         history.append((v, la, lb))
 
         win = history[-7:]
+
         def ratio(num: int, den: int) -> float:
             return num / den if den else math.nan
-        pairs = [v.orders for v, _, _ in win
-                 if len(v.orders) == 2 and all(o.status == "ok" for o in v.orders)]
+
+        pairs = [
+            v.orders for v, _, _ in win if len(v.orders) == 2 and all(o.status == "ok" for o in v.orders)
+        ]
         decided = [o for v, _, _ in win for o in v.orders if o.status == "ok" and o.winner != "tie"]
-        longer = [(v.verdict == "a") == (la > lb) for v, la, lb in win
-                  if v.verdict in ("a", "b") and la != lb]
+        longer = [
+            (v.verdict == "a") == (la > lb) for v, la, lb in win if v.verdict in ("a", "b") and la != lb
+        ]
         all_orders = [o for v, _, _ in win for o in v.orders]
         expect = {
             "rm_swap_consistency_ratio": ratio(sum(p[0].winner == p[1].winner for p in pairs), len(pairs)),
-            "rm_first_slot_win_ratio": ratio(sum((o.winner == "a") == o.a_first for o in decided),
-                                             len(decided)),
+            "rm_first_slot_win_ratio": ratio(
+                sum((o.winner == "a") == o.a_first for o in decided), len(decided)
+            ),
             "rm_prefer_longer_ratio": ratio(sum(longer), len(longer)),
             "rm_parse_failure_ratio": ratio(sum(o.status == "error" for o in all_orders), len(all_orders)),
         }
@@ -205,10 +229,18 @@ def test_judgment_counters_errors_and_cached_verdicts():
     tel = JudgeTelemetry()
     tel.record_verdict(verdict("a", "all_a", mode="fast"), len_a=1, len_b=2)
     tel.record_verdict(verdict("a", "all_a", mode="fast", cached=True), len_a=1, len_b=2)
-    tel.record_verdict(verdict(None, orders=[order(True, None, "error"), order(False, None, "error")],
-                               error="both orders failed"), len_a=1, len_b=2)
-    tel.record_verdict(verdict(None, orders=[order(True, None, "error"), order(False, None, "error")],
-                               cached=True), len_a=1, len_b=2)
+    tel.record_verdict(
+        verdict(
+            None, orders=[order(True, None, "error"), order(False, None, "error")], error="both orders failed"
+        ),
+        len_a=1,
+        len_b=2,
+    )
+    tel.record_verdict(
+        verdict(None, orders=[order(True, None, "error"), order(False, None, "error")], cached=True),
+        len_a=1,
+        len_b=2,
+    )
 
     assert val(tel, "rm_judgments_total", mode="fast", verdict="a", status="ok") == 2
     assert val(tel, "rm_judgments_total", mode="cot", verdict="none", status="error") == 2
@@ -235,8 +267,10 @@ def test_traffic_counters_and_histograms():
     tel.record_cache_error("get")
 
     m = metrics(tel)
+
     def v(name: str, **labels: str) -> float:
         return m[(name, frozenset(labels.items()))]
+
     assert v("rm_requests_total", route="/v1/judge", code="200") == 2
     assert v("rm_requests_total", route="/v1/judge", code="429") == 1
     assert v("rm_request_seconds_count", route="/v1/judge") == 3
@@ -290,7 +324,8 @@ def test_instances_have_separate_registries():
 # --- alert rules -------------------------------------------------------------------------------------
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not on PATH (apt-get install -y prometheus provides it)")
+    PROMTOOL is None, reason="promtool not on PATH (apt-get install -y prometheus provides it)"
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:

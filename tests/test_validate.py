@@ -30,40 +30,100 @@ def plan(text: str) -> str:
 # (code, failing reply, passing reply, extra kwargs)
 CASES = [
     ("malformed_tag", "<role_action>bows", "<role_action>bows</role_action>", {}),
-    ("nested_tag", "<role_action>bows <role_thinking>I</role_thinking></role_action>",
-     "<role_action>bows</role_action><role_thinking>I</role_thinking>", {}),
+    (
+        "nested_tag",
+        "<role_action>bows <role_thinking>I</role_thinking></role_action>",
+        "<role_action>bows</role_action><role_thinking>I</role_thinking>",
+        {},
+    ),
     ("unknown_tag", "<thought>I wait.</thought>Yes.", rt("I wait."), {}),
     ("duplicate_system_thinking", plan("Portray her.") + plan("Again."), plan("Portray her."), {}),
     ("misplaced_system_thinking", "Yes." + plan("Portray her."), plan("Portray her."), {}),
-    ("missing_system_thinking", rt("I wait."), plan("Portray her as calm.") + rt("I wait."),
-     {"require_system_thinking": True}),
-    ("system_thinking_first_person", plan("I must hide my feelings from Papa."),
-     plan("Portray Elizabeth as hiding her feelings from her father."), {}),
-    ("system_thinking_first_person", plan("Show composure; keep my secret."),
-     plan('Show composure; she may answer "I am quite well" to deflect.'), {}),
-    ("system_thinking_mentions_user", plan("Answer the user's question with wit."),
-     plan("Answer her father's question with wit."), {}),
-    ("role_thinking_third_person", rt("Elizabeth must not show her feelings."),
-     rt("I must not show my feelings."), {"speaker": LIZZY}),
-    ("role_thinking_third_person", rt("Elizabeth's heart races at the name."),
-     rt("Elizabeth, stay calm. My heart races at the name."), {"speaker": LIZZY}),
-    ("role_thinking_third_person", rt("She feels a sense of dread but must appear calm."),
-     rt("I feel a sense of dread but must appear calm."), {}),
-    ("role_thinking_third_person", rt("He can barely contain his amusement; he must keep a straight face."),
-     rt("I can barely contain my amusement; he must not see it."), {}),
-    ("mind_reading", rt("Darcy secretly loves me."), rt("I wonder whether Darcy loves me."),
-     {"speaker": LIZZY, "others": OTHERS}),
+    (
+        "missing_system_thinking",
+        rt("I wait."),
+        plan("Portray her as calm.") + rt("I wait."),
+        {"require_system_thinking": True},
+    ),
+    (
+        "system_thinking_first_person",
+        plan("I must hide my feelings from Papa."),
+        plan("Portray Elizabeth as hiding her feelings from her father."),
+        {},
+    ),
+    (
+        "system_thinking_first_person",
+        plan("Show composure; keep my secret."),
+        plan('Show composure; she may answer "I am quite well" to deflect.'),
+        {},
+    ),
+    (
+        "system_thinking_mentions_user",
+        plan("Answer the user's question with wit."),
+        plan("Answer her father's question with wit."),
+        {},
+    ),
+    (
+        "role_thinking_third_person",
+        rt("Elizabeth must not show her feelings."),
+        rt("I must not show my feelings."),
+        {"speaker": LIZZY},
+    ),
+    (
+        "role_thinking_third_person",
+        rt("Elizabeth's heart races at the name."),
+        rt("Elizabeth, stay calm. My heart races at the name."),
+        {"speaker": LIZZY},
+    ),
+    (
+        "role_thinking_third_person",
+        rt("She feels a sense of dread but must appear calm."),
+        rt("I feel a sense of dread but must appear calm."),
+        {},
+    ),
+    (
+        "role_thinking_third_person",
+        rt("He can barely contain his amusement; he must keep a straight face."),
+        rt("I can barely contain my amusement; he must not see it."),
+        {},
+    ),
+    (
+        "mind_reading",
+        rt("Darcy secretly loves me."),
+        rt("I wonder whether Darcy loves me."),
+        {"speaker": LIZZY, "others": OTHERS},
+    ),
     ("mind_reading", rt("I look at him: he is furious inside."), rt("I look at him: he seems furious."), {}),
-    ("mind_reading", rt("Papa teases me, and I know she feels ashamed."),
-     rt("Papa teases me, and I think she might feel ashamed."), {}),
-    ("mind_reading", rt("Mr. Collins despises me, I am sure of it."),
-     rt("Perhaps Mr. Collins despises me."), {"speaker": LIZZY, "others": OTHERS}),
-    ("mind_reading", rt("I smile, but Jane is heartbroken."), rt("I smile, but is Jane heartbroken?"),
-     {"speaker": LIZZY, "others": OTHERS}),
-    ("empty_reply", rt("I say nothing.", ""),
-     rt("I say nothing.", "<role_action>looks away</role_action>"), {}),
-    ("empty_reply", "<system_thinking>Portray her as silent.</system_thinking>  ",
-     "<system_thinking>Portray her as silent.</system_thinking>...", {}),
+    (
+        "mind_reading",
+        rt("Papa teases me, and I know she feels ashamed."),
+        rt("Papa teases me, and I think she might feel ashamed."),
+        {},
+    ),
+    (
+        "mind_reading",
+        rt("Mr. Collins despises me, I am sure of it."),
+        rt("Perhaps Mr. Collins despises me."),
+        {"speaker": LIZZY, "others": OTHERS},
+    ),
+    (
+        "mind_reading",
+        rt("I smile, but Jane is heartbroken."),
+        rt("I smile, but is Jane heartbroken?"),
+        {"speaker": LIZZY, "others": OTHERS},
+    ),
+    (
+        "empty_reply",
+        rt("I say nothing.", ""),
+        rt("I say nothing.", "<role_action>looks away</role_action>"),
+        {},
+    ),
+    (
+        "empty_reply",
+        "<system_thinking>Portray her as silent.</system_thinking>  ",
+        "<system_thinking>Portray her as silent.</system_thinking>...",
+        {},
+    ),
     ("empty_reply", "", "Oh.", {}),
 ]
 
@@ -84,9 +144,15 @@ def test_every_code_is_documented_and_exercised() -> None:
 
 def test_hedges_and_observations_are_not_mind_reading() -> None:
     for thought in [
-        "I think he might be angry.", "Perhaps she is ashamed of me.", "He seems angry with me.",
-        "I suspect Darcy loves me.", "Is he angry with me?", "She looks as if she feels ashamed of me.",
-        "He must be furious with me.", "Her reaction is delightful, I must say.", "He frowns at me.",
+        "I think he might be angry.",
+        "Perhaps she is ashamed of me.",
+        "He seems angry with me.",
+        "I suspect Darcy loves me.",
+        "Is he angry with me?",
+        "She looks as if she feels ashamed of me.",
+        "He must be furious with me.",
+        "Her reaction is delightful, I must say.",
+        "He frowns at me.",
         "Mr. Darcy probably hates me.",
     ]:
         assert validate_reply(rt(thought), speaker=LIZZY, others=OTHERS) == [], thought
@@ -117,8 +183,12 @@ def test_speaker_listed_among_others_is_ignored() -> None:
 def test_findings_sorted_with_spans_on_the_offending_words() -> None:
     text = "<system_thinking>I plan.</system_thinking>" + rt("Darcy loves me.") + "<x>Hi.</x>"
     findings = validate_reply(text, speaker=LIZZY, others=OTHERS)
-    assert [f.code for f in findings] == ["system_thinking_first_person", "mind_reading", "unknown_tag",
-                                          "unknown_tag"]
+    assert [f.code for f in findings] == [
+        "system_thinking_first_person",
+        "mind_reading",
+        "unknown_tag",
+        "unknown_tag",
+    ]
     assert [text[s:e] for s, e in (f.span for f in findings)] == ["I", "Darcy loves", "<x>", "</x>"]
     assert findings == sorted(findings, key=lambda f: f.span)
 
@@ -160,10 +230,36 @@ def test_third_person_rewrite_of_fixture_thought_is_flagged() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(max_size=120) | st.lists(st.sampled_from([
-    "<role_thinking>", "</role_thinking>", "<system_thinking>", "</system_thinking>", "<role_action>",
-    "</role_action>", "I ", "he is furious ", "Darcy loves ", "Elizabeth's ", '"', "'", "Mr. ", ". ", "?",
-    "perhaps ", "<q>", "[", "(", "\n"]), max_size=20).map("".join))
+@given(
+    st.text(max_size=120)
+    | st.lists(
+        st.sampled_from(
+            [
+                "<role_thinking>",
+                "</role_thinking>",
+                "<system_thinking>",
+                "</system_thinking>",
+                "<role_action>",
+                "</role_action>",
+                "I ",
+                "he is furious ",
+                "Darcy loves ",
+                "Elizabeth's ",
+                '"',
+                "'",
+                "Mr. ",
+                ". ",
+                "?",
+                "perhaps ",
+                "<q>",
+                "[",
+                "(",
+                "\n",
+            ]
+        ),
+        max_size=20,
+    ).map("".join)
+)
 def test_validator_never_raises(text: str) -> None:
     findings = validate_reply(text, speaker=LIZZY, others=OTHERS, require_system_thinking=True)
     assert {f.code for f in findings} <= set(FINDING_CODES)

@@ -1,0 +1,335 @@
+"""rm_server end to end: the real app under uvicorn, real HTTP, the real model, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import pytest
+from _pairs import fixture_pairs
+from _servers import RedisProcess, serve_app
+from prometheus_client.parser import text_string_to_metric_families
+
+from her_engines import GenRequest, GenResult
+from rm_server import ServerSettings, build_app
+
+pytestmark = pytest.mark.model
+
+
+def _settings(**kw) -> ServerSettings:
+    base = {"max_wait_ms": 5.0, "request_timeout_s": 600.0}
+    return ServerSettings.load(**{**base, **kw})
+
+
+def _body(pair: dict, **kw) -> dict:
+    ctx = pair["context"]
+    ctx = [m.model_dump() for m in ctx] if isinstance(ctx, list) else ctx
+    return {"context": ctx, "a": pair["a"], "b": pair["b"], **kw}
+
+
+def _metrics(base: str, headers: dict | None = None) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", headers=headers or {}, timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(scene):
+    return fixture_pairs(scene, 8)
+
+
+@pytest.fixture(scope="module")
+def server(engine, redis_url_module):
+    """One app on the machine's Redis (a fresh key space via a unique model revision is not needed:
+    keys include the principle/template hashes and the test content)."""
+    app = build_app(_settings(redis_url=redis_url_module), engine=engine)
+    with serve_app(app, ready_path="/healthz") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def redis_url_module() -> str:
+    from conftest import REDIS_URL
+
+    return REDIS_URL
+
+
+def test_health_ready_info_principles(server):
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server + "/readyz")
+    assert ready.status_code == 200 and ready.json()["model_loaded"] is True
+    info = httpx.get(server + "/v1/info").json()
+    assert info["model"] == "smollm2-135m-instruct" and info["cache"] == "redis"
+    assert len(info["principle_set_hash"]) == 16 and "compact" in info["templates"]
+    principles = httpx.get(server + "/v1/principles").json()
+    assert principles["version"] == info["principle_set_hash"]
+    assert len(principles["principles"]) == info["principles"] >= 48
+
+
+def test_judge_then_cached_hit_and_mirrored_order(server, pairs, unique):
+    body = _body(pairs[0], seed=int(unique[:6], 16))  # a fresh seed → a fresh cache key
+    first = httpx.post(server + "/v1/judge", json=body, timeout=600)
+    assert first.status_code == 200, first.text
+    v = first.json()
+    assert v["status"] == "ok" and v["cached"] is False and v["verdict"] in ("a", "b", "tie")
+    assert [o["a_first"] for o in v["orders"]] == [True, False]
+    again = httpx.post(server + "/v1/judge", json=body, timeout=60).json()
+    assert again["cached"] is True and again["verdict"] == v["verdict"] and again["p_a"] == v["p_a"]
+    swapped = httpx.post(
+        server + "/v1/judge", json={**body, "a": body["b"], "b": body["a"]}, timeout=60
+    ).json()
+    assert swapped["cached"] is True
+    assert swapped["p_a"] == pytest.approx(1 - v["p_a"])
+    assert swapped["verdict"] == {"a": "b", "b": "a", "tie": "tie"}[v["verdict"]]
+
+
+def test_batch_route_returns_one_verdict_per_item_in_order(server, pairs, unique):
+    seed = int(unique[:6], 16) + 1
+    items = [_body(p, mode="fast", seed=seed) for p in pairs[:4]]
+    r = httpx.post(server + "/v1/judge/batch", json={"items": items}, timeout=600)
+    assert r.status_code == 200, r.text
+    verdicts = r.json()["verdicts"]
+    assert len(verdicts) == 4 and all(v["status"] == "ok" for v in verdicts)
+    # each item's verdict equals the single-item verdict for the same pair (now a cache hit)
+    for item, v in zip(items, verdicts, strict=True):
+        single = httpx.post(server + "/v1/judge", json=item, timeout=60).json()
+        assert single["cached"] is True and single["p_a"] == pytest.approx(v["p_a"])
+
+
+def test_rewards_with_groups_are_win_rates(server, pairs, unique):
+    prompt = [m.model_dump() for m in pairs[1]["context"]]
+    completions = [
+        pairs[1]["a"],
+        pairs[1]["b"],
+        "(bows) Good day.",
+        f"Hello {unique}.",
+        "Yes.",
+        "Indeed, sir.",
+    ]
+    body = {
+        "prompts": [prompt] * 6,
+        "completions": completions,
+        "group_ids": [0, 0, 0, 1, 1, 1],
+        "mode": "fast",
+    }
+    r = httpx.post(server + "/v1/rewards", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["status"] == ["ok"] * 6
+    rewards = out["rewards"]
+    for group in (rewards[:3], rewards[3:]):
+        assert all(0.0 <= x <= 1.0 for x in group)
+        # every pair hands out exactly one point: Σ win_rate · (n−1) = C(n, 2)
+        assert sum(group) * 2 == pytest.approx(3.0)
+    assert all(len(d["verdicts"]) == 2 for d in out["details"])
+
+
+def test_rewards_against_references_with_format_penalty(server, pairs):
+    prompt = [m.model_dump() for m in pairs[2]["context"]]
+    broken = "<role_thinking>unclosed thought<role_action>waves</role_action>Hi."
+    body = {
+        "prompts": [prompt, prompt],
+        "completions": [pairs[2]["a"], broken],
+        "references": [pairs[2]["b"], pairs[2]["b"]],
+        "mode": "fast",
+        "format_penalty": 0.5,
+    }
+    out = httpx.post(server + "/v1/rewards", json=body, timeout=600).json()
+    assert out["status"] == ["ok", "ok"]
+    assert out["details"][1]["format_violations"] and not out["details"][0]["format_violations"]
+    assert out["rewards"][1] in (-0.5, 0.0, 0.5)  # discrete outcome minus the penalty
+
+
+def test_openrlhf_protocol(server, pairs):
+    empty = httpx.post(server + "/get_reward", json={"query": [], "prompts": [], "labels": []})
+    assert empty.status_code == 200 and empty.json() == {"rewards": [], "scores": [], "extra_logs": {}}
+    prompt = "Mr Bennet: Lizzy, come into my room.\nElizabeth Bennet:"
+    response = " (follows him) What is it, Papa?"
+    body = {"query": [prompt + response], "prompts": [prompt], "labels": ["Yes."]}
+    r = httpx.post(server + "/get_reward", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["rewards"]) == 1 and out["rewards"] == out["scores"]
+    assert out["rewards"][0] in (0.0, 0.5, 1.0) and out["extra_logs"]["judge_ok"] == [1.0]
+    # the judged response was query minus prompt: judging that exact pair now hits the cache
+    hit = httpx.post(
+        server + "/v1/judge", json={"context": prompt, "a": response, "b": "Yes."}, timeout=60
+    ).json()
+    assert hit["cached"] is True
+
+
+def test_bad_input_is_a_clear_4xx(server, pairs):
+    r = httpx.post(server + "/v1/judge", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request"
+    r = httpx.post(server + "/v1/judge", json={"context": "x", "a": "only a"})
+    assert r.status_code == 422 and "b" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/judge", json={"context": "x", "a": "y" * 9000, "b": "z"})
+    assert r.status_code == 422 and "8000" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/judge", json={**_body(pairs[0]), "template": "her-rm"})
+    assert r.status_code == 422 and "her-rm" in r.json()["error"]["message"]
+    r = httpx.post(
+        server + "/v1/rewards", json={"prompts": ["p"], "completions": ["c", "d"], "references": ["r"]}
+    )
+    assert r.status_code == 422 and "completions has 2" in r.json()["error"]["message"]
+    r = httpx.post(server + "/get_reward", json={"query": ["abc"], "prompts": ["x"], "labels": ["l"]})
+    assert r.status_code == 422 and "does not start with" in r.json()["error"]["message"]
+
+
+def test_metrics_scrape_parses_and_counts(server):
+    m = _metrics(server)
+    assert (
+        m["rm_judgments_total{mode=cot,status=ok,verdict=a}"]
+        + m.get("rm_judgments_total{mode=cot,status=ok,verdict=b}", 0)
+        + m.get("rm_judgments_total{mode=cot,status=ok,verdict=tie}", 0)
+        >= 1
+    )
+    assert m["rm_cache_requests_total{result=hit}"] >= 1
+    assert m["rm_window_judgments"] >= 1
+    assert 0.0 <= m["rm_first_slot_win_ratio"] <= 1.0 or math.isnan(m["rm_first_slot_win_ratio"])
+    assert m["rm_tokens_total{kind=prompt}"] > 0
+    assert m["rm_queue_capacity"] == 512
+
+
+# ---------------------------------------------------------------- auth and limits
+
+
+def test_auth_refusal_and_acceptance(engine, pairs):
+    app = build_app(_settings(api_keys="k-one,k-two", max_body_bytes=4096), engine=engine)
+    with serve_app(app) as base:
+        assert httpx.get(base + "/healthz").status_code == 200
+        assert httpx.get(base + "/metrics").status_code == 200  # scrapers need no key by default
+        r = httpx.get(base + "/v1/info")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+        assert httpx.get(base + "/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(base + "/v1/info", headers={"Authorization": "Bearer k-two"}).status_code == 200
+        r = httpx.post(
+            base + "/v1/judge",
+            json={"context": "x" * 5000, "a": "1", "b": "2"},
+            headers={"Authorization": "Bearer k-one"},
+        )
+        assert r.status_code == 413 and "4096" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- faults (injected engines)
+
+
+class SlowEngine:
+    """Fault injector: answers like a judge that always picks slot A, after a delay."""
+
+    model_id = "slow-fake"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        from her_roleplay import default_library
+
+        pid = default_library().ids()
+        out = []
+        for r in requests:
+            if r.choices:
+                out.append(
+                    GenResult(
+                        text="A",
+                        choice_logprobs={"A": math.log(0.8), "B": math.log(0.1), "tie": math.log(0.1)},
+                    )
+                )
+            else:
+                comps = [{"principle": p, "winner": "A", "reason": "r"} for p in pid[:3]]
+                out.append(
+                    GenResult(
+                        text=json.dumps({"comparisons": comps, "verdict": "A"}),
+                        prompt_tokens=10,
+                        completion_tokens=20,
+                    )
+                )
+        return out
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _burst(base: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    base + "/v1/judge", json={"context": "x", "a": f"a{i}", "b": "b", "use_cache": False}
+                )
+                for i in range(n)
+            )
+        )
+
+
+def test_full_queue_answers_429_with_retry_after():
+    app = build_app(_settings(max_queue=1, max_batch_size=1, max_wait_ms=0), engine=SlowEngine(0.5))
+    with serve_app(app) as base:
+        responses = asyncio.run(_burst(base, 6))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "queue_full"
+
+
+def test_request_timeout_answers_504():
+    app = build_app(_settings(request_timeout_s=0.2), engine=SlowEngine(1.0))
+    with serve_app(app) as base:
+        r = httpx.post(base + "/v1/judge", json={"context": "x", "a": "1", "b": "2"}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+
+
+def test_gauges_move_with_a_scripted_judge():
+    """A judge that always picks slot A: first-slot ratio → 1, swap consistency → 0, all ties."""
+    app = build_app(_settings(), engine=SlowEngine(0.0))
+    with serve_app(app) as base:
+        for i in range(6):
+            v = httpx.post(
+                base + "/v1/judge", json={"context": "x", "a": f"a{i}", "b": "bb"}, timeout=30
+            ).json()
+            assert v["consistent"] is False and v["verdict"] == "tie"
+        m = _metrics(base)
+    assert m["rm_first_slot_win_ratio"] == 1.0
+    assert m["rm_swap_consistency_ratio"] == 0.0
+    assert m["rm_window_judgments"] == 6
+    assert m["rm_judgments_total{mode=cot,status=ok,verdict=tie}"] == 6
+
+
+def test_redis_dies_mid_run_and_the_cache_recovers(engine):
+    redis = RedisProcess().start()
+    app = build_app(_settings(redis_url=redis.url), engine=SlowEngine(0.0))
+    try:
+        with serve_app(app) as base:
+
+            def judge(i: int) -> dict:
+                r = httpx.post(base + "/v1/judge", json={"context": "x", "a": f"r{i}", "b": "b"}, timeout=30)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            assert judge(1)["cached"] is False and judge(1)["cached"] is True
+            port = redis.port
+            redis.kill()
+            assert judge(2)["cached"] is False  # still served, uncached
+            assert judge(2)["cached"] is False
+            errors = sum(v for k, v in _metrics(base).items() if k.startswith("rm_cache_errors_total"))
+            assert errors >= 1
+            redis = RedisProcess(port).start()
+            deadline = time.monotonic() + 10
+            while True:
+                judge(3)
+                if judge(3)["cached"]:
+                    break
+                assert time.monotonic() < deadline, "cache did not recover after Redis came back"
+                time.sleep(0.3)
+    finally:
+        redis.kill()
