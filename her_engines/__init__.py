@@ -6,6 +6,7 @@
 """
 
 from ._factory import DEFAULT_MODEL, EngineKind, create_engine
+from ._models import ResolvedModel, cache_root, ensure_hf_folder, resolve_model
 from ._types import (
     ChatMessage,
     Engine,
@@ -30,5 +31,9 @@ __all__ = [
     "FinishReason",
     "GenRequest",
     "GenResult",
+    "ResolvedModel",
+    "cache_root",
     "create_engine",
+    "ensure_hf_folder",
+    "resolve_model",
 ]

@@ -26,7 +26,16 @@ from ._prompts import (
     build_character_samples,
     build_chat_prompt,
 )
-from ._scene import ENVIRONMENT, DialogueLine, KeyCharacter, Plot, PlotCharacter, Scene, SceneLoadError, load_scenes
+from ._scene import (
+    ENVIRONMENT,
+    DialogueLine,
+    KeyCharacter,
+    Plot,
+    PlotCharacter,
+    Scene,
+    SceneLoadError,
+    load_scenes,
+)
 from ._validate import FINDING_CODES, validate_reply
 
 __all__ = [

@@ -23,8 +23,8 @@ from her_genrm import GenRM, GenRMConfig
 from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
-from ._cache import RedisVerdictCache, build_cache
 from ._batcher import QueueFull
+from ._cache import RedisVerdictCache, build_cache
 from ._errors import BodyTooLarge, mapped_exception_classes, status_of
 from ._protocol import ErrorBody, ErrorEnvelope, InfoResponse
 from ._routes import api, health, metrics_router

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from her_genrm import Verdict
+
 from ._auth import require_key
 from ._protocol import (
     ErrorEnvelope,
@@ -18,7 +20,6 @@ from ._protocol import (
     RewardsResponse,
 )
 from ._serving import JudgeService, _request_from_body
-from her_genrm import Verdict
 
 _ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 429, 503, 504)}
 
