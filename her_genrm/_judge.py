@@ -58,7 +58,7 @@ def _slot_to_winner(slot: Slot, a_first: bool) -> Winner:
 class GenRMConfig:
     """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
 
-    principle_detail: Literal["definition", "name"] = "name"
+    principle_detail: Literal["definition", "name", "id"] = "id"
     cot_max_tokens: int = 360
     her_rm_max_tokens: int = 1536
     temperature: float = 0.0

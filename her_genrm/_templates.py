@@ -22,7 +22,7 @@ from her_roleplay import PrincipleLibrary
 Slot = Literal["A", "B", "tie"]
 SLOTS: tuple[Slot, ...] = ("A", "B", "tie")
 MIN_PRINCIPLES, MAX_PRINCIPLES = 3, 5
-REASON_MAX_CHARS = 90
+REASON_MAX_CHARS = 80
 
 
 def _sha(text: str) -> str:
@@ -87,9 +87,10 @@ class CompactTemplate:
     """Our default judge prompt: principles in the system turn, schema-constrained JSON out."""
 
     library: PrincipleLibrary
-    # "name": id + short title per principle (~900 tokens for the bundled library);
-    # "definition": the full definitions (~2,300 tokens), worth it for a large judge with prefix caching.
-    principle_detail: Literal["definition", "name"] = "name"
+    # "id": descriptive ids by dimension (cheapest; the CPU default); "name": id + short title (~900
+    # tokens for the bundled library); "definition": full definitions (~2,300 tokens), worth it for a
+    # large judge with prefix caching.
+    principle_detail: Literal["definition", "name", "id"] = "id"
     name: str = "compact"
 
     @property

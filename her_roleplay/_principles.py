@@ -219,7 +219,7 @@ class PrincipleLibrary:
 
     # ------------------------------------------------------------------ rendering
     def render_for_prompt(
-        self, *, ids: Iterable[str] | None = None, detail: Literal["definition", "name"] = "definition"
+        self, *, ids: Iterable[str] | None = None, detail: Literal["definition", "name", "id"] = "definition"
     ) -> str:
         """A compact plain-text block for the judge prompt, grouped by dimension::
 
@@ -229,15 +229,28 @@ class PrincipleLibrary:
         ``ids`` restricts the block to those principles (duplicates ignored; an unknown id raises
         ``KeyError``). Dimensions without any selected principle are left out. ``detail="name"``
         puts the short name in place of the definition (about a quarter of the length, for small
-        context windows).
+        context windows). ``detail="id"`` lists only the ids, one line per dimension, flaws then
+        qualities (the ids are descriptive slugs; the cheapest form, for CPU judges)::
+
+            Character Development: flaws breaks_character, ...; qualities consistent_voice, ...
         """
-        if detail not in ("definition", "name"):
-            raise ValueError(f"detail must be 'definition' or 'name', got {detail!r}")
+        if detail not in ("definition", "name", "id"):
+            raise ValueError(f"detail must be 'definition', 'name' or 'id', got {detail!r}")
         if ids is None:
             chosen = set(self._by_id)
         else:
             chosen = {self.get(pid).id for pid in ids}
         blocks: list[str] = []
+        if detail == "id":
+            for dim, members in self.by_dimension().items():
+                parts = []
+                for polarity, label in (("negative", "flaws"), ("positive", "qualities")):
+                    picked = [p.id for p in members if p.id in chosen and p.polarity == polarity]
+                    if picked:
+                        parts.append(f"{label} {', '.join(picked)}")
+                if parts:
+                    blocks.append(f"{dim}: {'; '.join(parts)}")
+            return "\n".join(blocks)
         for dim, members in self.by_dimension().items():
             lines = [
                 f"- {p.id} ({_POLARITY_TAG[p.polarity]}, {p.level}): {getattr(p, detail)}"

@@ -32,8 +32,8 @@ class ServerSettings(BaseSettings):
     """API key for the OpenAI-compatible server."""
     principles_path: str | None = None
     """Principle library YAML; default: the bundled library."""
-    principle_detail: Literal["definition", "name"] = "name"
-    """How the compact template lists principles: short names (cheap) or full definitions."""
+    principle_detail: Literal["definition", "name", "id"] = "id"
+    """How the compact template lists principles: ids only (cheapest), short names, or full definitions."""
     her_rm_template: str | None = None
     """Template file of the released HER-RM judge; enables template=her-rm."""
     api_keys: list[SecretStr] = Field(default_factory=list)

@@ -1,0 +1,71 @@
+"""`her train sft|grpo`: run a training config.
+
+    her train sft  --config policy_trainer/configs/sft_cpu_smoke.yaml
+    her train grpo --config policy_trainer/configs/grpo_cpu_smoke.yaml --reward-url http://127.0.0.1:8000
+
+Exit codes: 0 finished; 2 the config is wrong (the message says what to change); 3 the run stopped
+early because rm_server stayed unreachable past the reward retry budget (no update was made on
+missing rewards; the message says at which step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_CONFIG = 2
+EXIT_REWARD_DOWN = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="train_command", metavar="MODE", required=True)
+    sft = sub.add_parser("sft", help="cold start on dual-layer SFT samples (loss on the final assistant turn)",
+                         description="SFT cold start with TRL's SFTTrainer, configured from a YAML file.")
+    grpo = sub.add_parser("grpo", help="GRPO with rewards from rm_server",
+                          description="GRPO with TRL's GRPOTrainer and rewards from rm_server over HTTP, "
+                                      "configured from a YAML file.")
+    for sp in (sft, grpo):
+        sp.add_argument("--config", required=True, metavar="FILE",
+                        help="training YAML (see policy_trainer/configs/*_cpu_smoke.yaml)")
+        sp.add_argument("--output-dir", default=None, metavar="DIR", help="override the config's output_dir")
+        sp.add_argument("--max-steps", type=int, default=None, metavar="N", help="override max_steps")
+        sp.add_argument("--log-level", default="info", help="Python log level (default: info)")
+    grpo.add_argument("--reward-url", default=None, metavar="URL",
+                      help="rm_server base URL; overrides reward.url of the config")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ._setup import ConfigError
+
+    try:
+        if args.train_command == "grpo":
+            from ._grpo import GRPORun, GRPORunConfig
+
+            config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url, output_dir=args.output_dir,
+                                             max_steps=args.max_steps)
+            print(f"her train grpo: rewards from {config.reward.url} ({config.reward.strategy}, "
+                  f"{config.reward.judge_mode}); DeepSpeed: {config.deepspeed or 'off'}", flush=True)
+            grpo_run = GRPORun(config)
+            try:
+                result = grpo_run.train()
+            finally:
+                grpo_run.close()
+        else:
+            from ._sft import SFTRun, SFTRunConfig
+
+            config = SFTRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
+            result = SFTRun(config).train()
+    except ConfigError as exc:
+        print(f"her train {args.train_command}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    summary = {"global_step": result.global_step, "engine": result.engine, "zero_stage": result.zero_stage,
+               "output_dir": result.output_dir}
+    if result.stopped:
+        print(f"her train {args.train_command}: stopped: {result.stopped}", file=sys.stderr)
+        print(json.dumps(summary), flush=True)
+        return EXIT_REWARD_DOWN
+    print(json.dumps(summary), flush=True)
+    return 0

@@ -1,0 +1,319 @@
+"""Training entry points end to end: a tiny random-weight policy trained on CPU with rewards from the
+real rm_server (bundled judge model) over HTTP, under DeepSpeed ZeRO-2 for the smoke config.
+
+One rm_server subprocess serves the module; the restart test kills it (SIGKILL) mid-step and starts it
+again on the same port. The judge runs in fast mode (one forward per order) with small groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests._openai_server import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "policy_trainer" / "configs"
+SMOKE = CONFIGS / "grpo_cpu_smoke.yaml"
+HER = ROOT / ".venv" / "bin" / "her"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def judgments_total(base_url: str) -> float:
+    """Sum of rm_judgments_total over all labels, read from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "rm_judgments":
+            return sum(s.value for s in family.samples if s.name == "rm_judgments_total")
+    raise AssertionError("rm_judgments_total is missing from /metrics")
+
+
+def snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def moved(before: dict, model) -> bool:
+    import torch
+
+    return any(not torch.equal(before[name], p.detach()) for name, p in model.named_parameters())
+
+
+def step_rewards(log_history: list[dict]) -> list[float]:
+    return [entry["reward"] for entry in log_history if "reward" in entry]
+
+
+def grpo_config(tmp_path: Path, url: str, **reward):
+    """The smoke config without DeepSpeed (DeepSpeed runs in its own process, see the CLI test)."""
+    from policy_trainer._grpo import GRPORunConfig
+
+    cfg = GRPORunConfig.from_yaml(SMOKE, reward_url=url, output_dir=str(tmp_path / "out"))
+    cfg.deepspeed = None
+    cfg.save_final_model = False
+    for key, value in reward.items():
+        setattr(cfg.reward, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def rm_server():
+    port = free_port()
+    # `env` execs the server (same pid, same process group): small batching wait, no Redis cache.
+    argv = ["env", "-u", "RM_REDIS_URL", "RM_MAX_WAIT_MS=5", str(HER), "serve", "--port", str(port)]
+    server = ServerProcess(argv, port, ready_path="/readyz", startup_timeout=240)
+    with server:
+        yield server
+
+
+# --- configuration and data (no training) -----------------------------------------------------------
+
+
+def test_config_errors_name_the_field_and_the_fix(tmp_path):
+    from policy_trainer._grpo import GRPORunConfig
+    from policy_trainer._setup import ConfigError, ModelSpec
+
+    with pytest.raises(ConfigError, match="exactly one of `name_or_path`"):
+        ModelSpec(name_or_path="x", tiny_random={"hidden_size": 8}, tokenizer="y")
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["grpo"]["num_generation"] = 4
+    with pytest.raises(ConfigError, match="did you mean 'num_generations'"):
+        GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
+    raw = yaml.safe_load(SMOKE.read_text())
+    del raw["grpo"]["output_dir"]
+    with pytest.raises(ConfigError, match="--output-dir"):
+        GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["reward"]["reference_column"] = "gold"
+    with pytest.raises(ConfigError, match="column 'reference'"):
+        GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["deepspeed"] = "missing.json"
+    with pytest.raises(ConfigError, match="missing.json is not a file"):
+        GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
+
+    from her_cli.main import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"tiny_random": {}}, "data": {"jsonl": []}, "grpo": {}}))
+    assert main(["train", "grpo", "--config", str(bad)]) == 2
+
+
+def test_launcher_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for stage in (2, 3):
+        cfg = load_config_from_file(str(CONFIGS / f"accelerate_zero{stage}.yaml"))
+        assert cfg.distributed_type == "DEEPSPEED" and cfg.mixed_precision == "bf16"
+        assert cfg.deepspeed_config["zero_stage"] == stage
+    for name, stage in (("deepspeed_zero2.json", 2), ("deepspeed_zero3.json", 3), ("deepspeed_zero2_cpu.json", 2)):
+        assert json.loads((CONFIGS / name).read_text())["zero_optimization"]["stage"] == stage
+    from policy_trainer._grpo import GRPORunConfig
+
+    example = GRPORunConfig.from_dict(yaml.safe_load((CONFIGS / "grpo_example.yaml").read_text()), base_dir=CONFIGS)
+    assert example.reward.judge_mode == "cot" and example.grpo["num_generations"] == 8
+
+
+def test_grpo_rows_hold_the_prompt_and_the_visible_reference(scene, tmp_path):
+    from her_roleplay import build_character_samples, strip_system_thinking
+    from policy_trainer._data import DataSpec, grpo_rows_from_scene, load_grpo_dataset, load_sft_dataset
+
+    rows = grpo_rows_from_scene(scene)
+    samples = build_character_samples(scene)
+    assert len(rows) == len(samples) >= 2
+    for row, sample in zip(rows, samples, strict=True):
+        assert row["prompt"][0]["role"] == "system" and row["prompt"][-1]["role"] == "user"
+        assert len(row["prompt"]) == len(sample.messages) - 1
+        assert row["reference"] == strip_system_thinking(sample.target).strip()
+        assert "<system_thinking>" not in row["reference"]
+
+    jsonl = tmp_path / "rows.jsonl"
+    plan = "<system_thinking>Portray her as wary.</system_thinking>"
+    messages = [{"role": "system", "content": "Play Ann."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": plan + "Hello."}]
+    jsonl.write_text(json.dumps({"messages": messages}) + "\n")
+    grpo = load_grpo_dataset(DataSpec(jsonl=[str(jsonl)]))
+    assert grpo[0]["reference"] == "Hello." and grpo[0]["prompt"] == messages[:2]
+    sft = load_sft_dataset(DataSpec(jsonl=[str(jsonl)]))
+    assert sft[0]["completion"] == [messages[2]]  # the SFT target keeps its plan
+
+    jsonl.write_text(json.dumps({"messages": messages[:2]}) + "\n")
+    from policy_trainer._setup import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rows.jsonl:1: `messages` must end with the assistant target"):
+        load_sft_dataset(DataSpec(jsonl=[str(jsonl)]))
+
+
+# --- SFT -------------------------------------------------------------------------------------------
+
+
+def test_sft_two_steps_train_only_the_final_turn(tmp_path):
+    from policy_trainer._sft import SFTRun, SFTRunConfig
+
+    cfg = SFTRunConfig.from_yaml(CONFIGS / "sft_cpu_smoke.yaml", output_dir=str(tmp_path / "sft"))
+    run = SFTRun(cfg)
+    trainer = run.build()
+    # The loss mask covers exactly the final assistant turn: the labelled tokens decode to it.
+    row = trainer.train_dataset[0]
+    labelled = [t for t in row["labels"] if t != -100]
+    target = run.trainer.processing_class.decode(labelled)
+    from policy_trainer._data import load_sft_dataset
+
+    first = load_sft_dataset(cfg.data, cfg.base_dir)[0]
+    assert target.startswith(first["completion"][0]["content"])
+    assert len(labelled) < len(row["input_ids"]) / 5  # the long prompt is context only
+
+    before = snapshot(trainer.model)
+    result = run.train()
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert result.global_step == 2 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert moved(before, trainer.model)
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "sft" / "run_summary.json").read_text())["global_step"] == 2
+
+
+# --- GRPO with remote rewards -------------------------------------------------------------------------
+
+
+def test_dead_reward_server_stops_the_run_without_an_update(tmp_path):
+    from policy_trainer._grpo import GRPORun
+
+    cfg = grpo_config(tmp_path, f"http://127.0.0.1:{free_port()}", retry_budget_s=1.0, max_backoff_s=0.2)
+    run = GRPORun(cfg)
+    trainer = run.build()
+    before = snapshot(trainer.model)
+    result = run.train()
+    assert result.stopped is not None
+    assert "rm_server unreachable for" in result.stopped and "at step 1" in result.stopped
+    assert "no update was made on missing rewards" in result.stopped
+    assert result.global_step == 0 and not moved(before, trainer.model)
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["stopped"] == result.stopped
+
+
+def test_cli_exits_nonzero_with_a_clear_message_when_the_server_stays_down(tmp_path, capsys):
+    from her_cli.main import main
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["deepspeed"] = None
+    raw["data"]["scene_files"] = [str(CONFIGS / p) for p in raw["data"]["scene_files"]]
+    raw["reward"].update(retry_budget_s=1.0, max_backoff_s=0.2)
+    raw["grpo"]["max_steps"] = 1
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code = main(["train", "grpo", "--config", str(config), "--reward-url", f"http://127.0.0.1:{free_port()}",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 3
+    assert "stopped: rm_server unreachable for" in capsys.readouterr().err
+
+
+def test_two_grpo_steps_with_rewards_over_http(rm_server, tmp_path):
+    from policy_trainer._grpo import GRPORun
+
+    # prob rewards (P(win) from the judge's logprobs) differ between rollouts, so the advantages are
+    # non-zero and the update must move the weights.
+    cfg = grpo_config(tmp_path, rm_server.base_url, reward_kind="prob")
+    run = GRPORun(cfg)
+    trainer = run.build()
+    before = snapshot(trainer.model)
+    judged_before = judgments_total(rm_server.base_url)
+    result = run.train()
+
+    assert result.stopped is None and result.global_step == 2
+    rewards = step_rewards(result.log_history)
+    assert len(rewards) == 2 and all(math.isfinite(r) and 0.0 <= r <= 1.0 for r in rewards)
+    pairs = 2 * cfg.grpo["per_device_train_batch_size"]  # 2 steps × (1 prompt × 2 rollouts), one reference each
+    assert judgments_total(rm_server.base_url) - judged_before == pairs
+    assert run.client.stats.rewarded == pairs and run.client.stats.failed == 0
+    assert moved(before, trainer.model)
+
+
+def test_deepspeed_zero2_smoke_config_via_the_cli(rm_server, tmp_path):
+    """The smoke config as shipped: DeepSpeed ZeRO-2 on CPU (gloo), launched as a plain `her` process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED")}
+    out = tmp_path / "ds"
+    judged_before = judgments_total(rm_server.base_url)
+    proc = subprocess.run(
+        [str(HER), "train", "grpo", "--config", str(SMOKE), "--reward-url", rm_server.base_url,
+         "--output-dir", str(out), "--max-steps", "1"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["engine"] == "DeepSpeedEngine" and summary["zero_stage"] == 2
+    assert summary["distributed_type"] == "DEEPSPEED" and summary["global_step"] == 1
+    rewards = step_rewards(summary["log_history"])
+    assert len(rewards) == 1 and math.isfinite(rewards[0])
+    assert judgments_total(rm_server.base_url) - judged_before == 2
+    assert (out / "model.safetensors").is_file()
+
+
+class _RestartDuringCall:
+    """Reward wrapper: on its first call, SIGKILLs the server ~1 s in (while the judge works on the
+    request), then restarts it on the same port 2 s later, in a background thread."""
+
+    def __init__(self, inner, server: ServerProcess) -> None:
+        self.inner, self.server = inner, server
+        self.__name__ = inner.__name__
+        self.thread: threading.Thread | None = None
+        self.killed_during_call = False
+        self.error: BaseException | None = None
+
+    def _kill_and_restart(self, call_done: threading.Event) -> None:
+        try:
+            time.sleep(1.0)
+            self.killed_during_call = not call_done.is_set()
+            os.killpg(self.server._proc.pid, signal.SIGKILL)
+            self.server.stop()  # reaps the killed process
+            time.sleep(2.0)
+            self.server.start()
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    async def __call__(self, prompts, completions, **columns):
+        done = threading.Event()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._kill_and_restart, args=(done,), daemon=True)
+            self.thread.start()
+        try:
+            return await self.inner(prompts, completions, **columns)
+        finally:
+            done.set()
+
+
+def test_step_completes_when_the_server_restarts_mid_step(rm_server, tmp_path):
+    from policy_trainer._grpo import GRPORun
+
+    cfg = grpo_config(tmp_path, rm_server.base_url)
+    cfg.grpo["max_steps"] = 1
+    chaos: list[_RestartDuringCall] = []
+    run = GRPORun(cfg, wrap_reward=lambda f: chaos.append(_RestartDuringCall(f, rm_server)) or chaos[0])
+    result = run.train()
+    chaos[0].thread.join(timeout=300)
+    assert chaos[0].error is None, chaos[0].error
+    assert chaos[0].killed_during_call
+    assert result.stopped is None and result.global_step == 1
+    stats = run.client.stats
+    assert stats.failed == 0 and stats.rewarded == 2  # no rollout dropped
+    assert stats.retries >= 1 and sum(stats.http_errors.values()) >= 1  # it did see the outage
+    assert all(math.isfinite(r) for r in step_rewards(result.log_history))
+    # The restarted server counts from zero: both rewards of the step were judged by it.
+    assert judgments_total(rm_server.base_url) == 2
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-x"]))
