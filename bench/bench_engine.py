@@ -1,9 +1,14 @@
-"""Benchmark the transformers engine: load time cold vs warm, greedy tokens/s at batch 1 vs 8.
+"""Benchmark the transformers engine: load time cold vs warm, greedy tokens/s at batch 1 vs 8,
+and shared-prefix KV reuse on vs off for a judge-like batch.
 
-Run: ``.venv/bin/python bench/bench_engine.py [--model NAME] [--new-tokens 48] [--batch 8]``
+Run: ``.venv/bin/python bench/bench_engine.py [--model NAME] [--new-tokens 48] [--batch 8] [--prefix-only]``
 
 "Cold" uses a fresh cache folder, so the load includes the one-time GGUF -> HF conversion;
 "warm" loads the converted folder. Throughput counts the tokens actually generated.
+The prefix comparison sends 16 chat requests that share a ~750-token system prompt and differ in a
+150-250-token user turn (like the GenRM judge's batches), once decoding 48 tokens and once scoring
+choices (prefill only, like the judge's fast mode); the prefix store is cleared before each run so
+only reuse within the batch counts.
 """
 
 from __future__ import annotations
@@ -45,12 +50,60 @@ async def tokens_per_second(
     return best, results[0].prompt_tokens
 
 
+def judge_like_batch(engine: TransformersEngine, rows: int, system_tokens: int, **kw: object) -> list[GenRequest]:
+    """`rows` chat requests sharing a system prompt of about `system_tokens` tokens."""
+    rule = "Principle {i}: the reply keeps the character's voice, facts, mood and knowledge consistent. "
+    system = "You judge two candidate replies in a role-play scene and pick the better one. "
+    i = 0
+    while len(engine.tokenizer(system, add_special_tokens=False).input_ids) < system_tokens:
+        system += rule.format(i=i)
+        i += 1
+    turns = [
+        f"Scene {r}: " + "The guest answers the host politely, then looks out at the rain. " * (10 + r % 6)
+        for r in range(rows)
+    ]
+    return [GenRequest(messages=[{"role": "system", "content": system}, {"role": "user", "content": t}], **kw)
+            for t in turns]
+
+
+async def timed_batch(engine: TransformersEngine, reqs: list[GenRequest]) -> float:
+    if engine.prefix_store is not None:
+        engine.prefix_store.clear()  # count only the reuse inside this batch
+    start = time.perf_counter()
+    results = await engine.generate(reqs)
+    elapsed = time.perf_counter() - start
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    return elapsed
+
+
+async def prefix_reuse(model: str, rows: int = 16, system_tokens: int = 750, new_tokens: int = 48) -> None:
+    on = TransformersEngine(model, prefix_cache=True, max_batch_size=rows)
+    off = TransformersEngine(model, prefix_cache=False, max_batch_size=rows)
+    decode = judge_like_batch(on, rows, system_tokens, max_tokens=new_tokens)
+    score = judge_like_batch(on, rows, system_tokens, choices=["A", "B", "tie"])
+    sizes = [len(on.tokenizer(on.render(r), add_special_tokens=False).input_ids) for r in decode]
+    await on.generate([GenRequest(prompt="warm up", max_tokens=4)])
+    await off.generate([GenRequest(prompt="warm up", max_tokens=4)])
+    print(f"judge-like batch: {rows} prompts of {min(sizes)}-{max(sizes)} tokens sharing ~{system_tokens}")
+    t_off, t_on = await timed_batch(off, decode), await timed_batch(on, decode)
+    print(f"  prefill + {new_tokens} new tokens:  reuse off {t_off:6.1f} s   on {t_on:6.1f} s   "
+          f"ratio {t_off / t_on:.1f}x")
+    t_off, t_on = await timed_batch(off, score), await timed_batch(on, score)
+    print(f"  choices (prefill only):      reuse off {t_off:6.1f} s   on {t_on:6.1f} s   ratio {t_off / t_on:.1f}x")
+    await on.aclose()
+    await off.aclose()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prefix-only", action="store_true", help="run only the prefix-reuse comparison")
     args = parser.parse_args()
+    if args.prefix_only:
+        await prefix_reuse(args.model, new_tokens=args.new_tokens)
+        return
 
     cache = tempfile.mkdtemp(prefix="her-bench-cache-")
     os.environ["HER_CACHE_DIR"] = cache
@@ -75,6 +128,7 @@ async def main() -> None:
     print(f"  batch 1:  {one:6.1f} tokens/s")
     print(f"  batch {args.batch}:  {many:6.1f} tokens/s   ratio {many / one:.1f}x")
     await engine.aclose()
+    await prefix_reuse(args.model, new_tokens=args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ How a call to :meth:`TransformersEngine.generate` is served:
   (so a seeded result does not depend on its batch neighbours), and a row stops on its own.
 - ``choices`` requests decode nothing: the prompt runs once, its KV cache is repeated for every
   choice and one teacher-forced forward scores all choices exactly.
+- Shared prompt prefixes (``prefix_cache=True``): when the prompts of a batch open with the same
+  tokens (a judge's long system prompt), that prefix runs once and its KV cache is copied to every
+  row, which then computes only its own suffix. Suffixes are left-padded *after* the prefix, and
+  position ids come from the attention mask, so a row sees exactly the positions it would see alone.
+  Recent prefixes are kept across calls (see `_prefix.PrefixStore`).
 - All model work runs on one worker thread, one batch at a time, so the event loop never blocks.
 
 A ``json_schema`` constrains the generated text only (after any prefill), so ``text`` itself parses.
@@ -21,6 +26,7 @@ import asyncio
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -43,10 +49,12 @@ from transformers import (
 
 from ._factory import DEFAULT_MODEL
 from ._models import ResolvedModel, ensure_hf_folder, resolve_model
+from ._prefix import PrefixKV, PrefixStore
 from ._types import EngineBadRequest, EngineError, EngineUnavailable, GenRequest, GenResult
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAMMAR_CACHE_SIZE = 128
+_log = logging.getLogger(__name__)
 
 
 def _sample_index(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -179,6 +187,8 @@ class TransformersEngine:
 
     `model` is a name or path understood by :func:`resolve_model`. `max_batch_size` caps how many
     requests share one forward. `threads` sets torch's CPU threads (default: all cores).
+    `prefix_cache` reuses the KV cache of prompt prefixes shared within a batch and across recent
+    calls (`prefix_store` then counts what it saved; None when off).
     Raises `EngineUnavailable` if the model cannot be found or loaded, `EngineBadRequest` for
     invalid options. `model_path` is the HF folder actually loaded; `render(req)` shows the prompt text.
     """
@@ -191,6 +201,7 @@ class TransformersEngine:
         dtype: str = "float32",
         max_batch_size: int = 16,
         threads: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if dtype not in _DTYPES:
             raise EngineBadRequest(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
@@ -232,6 +243,7 @@ class TransformersEngine:
         self.context_len: int = int(getattr(self.model.config, "max_position_embeddings", 0)) or 2**31
         self.vocab_size: int = int(self.model.config.vocab_size)
 
+        self.prefix_store: PrefixStore | None = PrefixStore(self.model) if prefix_cache else None
         self._grammar_compiler: Any = None
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="her-transformers")
@@ -261,6 +273,9 @@ class TransformersEngine:
         await asyncio.to_thread(self._executor.shutdown, True)
         self.model = None
         self._grammars.clear()
+        if self.prefix_store is not None:
+            self.prefix_store.clear()
+            self.prefix_store.model = None
         gc.collect()
 
     def render(self, req: GenRequest) -> str:
@@ -279,6 +294,7 @@ class TransformersEngine:
     def _generate_sync(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult | None] = [None] * len(requests)
         decode: list[_Prepared] = []
+        score: list[_Prepared] = []
         with self._lock, torch.inference_mode():
             for i, req in enumerate(requests):
                 try:
@@ -289,10 +305,11 @@ class TransformersEngine:
                 except Exception as exc:  # a template or tokenizer failure on this request only
                     results[i] = _error_result(EngineBadRequest(f"could not prepare request: {exc}"))
                     continue
-                if req.choices is not None:
-                    results[i] = self._isolated([prepared], self._score_choices)[0]
-                else:
-                    decode.append(prepared)
+                (score if req.choices is not None else decode).append(prepared)
+            if len(score) >= 2:
+                self._warm_prefix(score)
+            for p in score:
+                results[p.index] = self._isolated([p], self._score_choices)[0]
             decode.sort(key=lambda p: len(p.ids))  # similar lengths together: less padding
             for start in range(0, len(decode), self.max_batch_size):
                 group = decode[start : start + self.max_batch_size]
@@ -333,6 +350,16 @@ class TransformersEngine:
             )
         return prepared
 
+    def _prefix_for(self, group: list[_Prepared]) -> PrefixKV | None:
+        return self.prefix_store.for_rows([p.ids for p in group]) if self.prefix_store is not None else None
+
+    def _warm_prefix(self, group: list[_Prepared]) -> None:
+        """Compute and store the prefix shared by requests that will then run one by one."""
+        try:
+            self._prefix_for(group)
+        except Exception as exc:  # only a speed-up: each request still runs (and reports errors) on its own
+            _log.warning("shared-prefix computation failed, scoring prompts in full: %s", exc)
+
     def _grammar_for(self, schema: dict[str, Any]) -> Any:
         key = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
         if key in self._grammars:
@@ -358,12 +385,17 @@ class TransformersEngine:
         return grammar
 
     def _decode(self, group: list[_Prepared]) -> list[GenResult]:
-        width = max(len(p.ids) for p in group)
+        prefix = self._prefix_for(group)
+        shared = len(prefix) if prefix is not None else 0
+        width = shared + max(len(p.ids) - shared for p in group)
         input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(group), width), dtype=torch.long)
-        for row, p in enumerate(group):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
-            attention[row, width - len(p.ids) :] = 1
+        if prefix is not None:
+            input_ids[:, :shared] = torch.tensor(prefix.ids)
+            attention[:, :shared] = 1
+        for row, p in enumerate(group):  # suffixes left-padded: every prompt ends at the same column
+            input_ids[row, width - len(p.ids) + shared :] = torch.tensor(p.ids[shared:])
+            attention[row, width - len(p.ids) + shared :] = 1
         stop = _RowStop(group, width, self.eos_ids, self.tokenizer)
         processors = LogitsProcessorList()
         if any(p.grammar is not None for p in group):
@@ -376,9 +408,13 @@ class TransformersEngine:
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
         )
+        # With a cache of `shared` tokens, generate feeds only the columns after it, and derives
+        # position ids from the attention mask (cumsum), so the padding between prefix and suffix
+        # does not shift a row's positions.
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
+            past_key_values=prefix.fork(len(group)) if prefix is not None else None,
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([stop]),
@@ -403,8 +439,16 @@ class TransformersEngine:
     def _score_choices(self, group: list[_Prepared]) -> list[GenResult]:
         (p,) = group
         choices = p.req.choices or []
-        prompt = torch.tensor([p.ids], device=self.device)
-        out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        prefix = self._prefix_for(group)
+        shared = len(prefix) if prefix is not None else 0
+        prompt = torch.tensor([p.ids[shared:]], device=self.device)
+        out = self.model(
+            input_ids=prompt,
+            position_ids=torch.arange(shared, len(p.ids), device=self.device).unsqueeze(0),
+            past_key_values=prefix.fork(1) if prefix is not None else None,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         totals = torch.tensor([float(first[c[0]]) for c in p.choice_ids], dtype=torch.float64)
         longest = max(len(c) for c in p.choice_ids)

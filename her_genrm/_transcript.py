@@ -33,7 +33,9 @@ from her_roleplay import ENVIRONMENT, DialogueLine, Scene, parse_coser, parse_re
 from ._templates import JudgeOutputError, _first_json_object
 from ._types import Status, Usage
 
-TranscriptDimension = Literal["storyline_consistency", "anthropomorphism", "character_fidelity", "storyline_quality"]
+TranscriptDimension = Literal[
+    "storyline_consistency", "anthropomorphism", "character_fidelity", "storyline_quality"
+]
 TRANSCRIPT_DIMENSIONS: tuple[TranscriptDimension, ...] = get_args(TranscriptDimension)
 DIMENSION_TITLES: dict[str, str] = {
     "storyline_consistency": "Storyline Consistency",
@@ -127,13 +129,15 @@ class Flaw(BaseModel):
     severity: int = Field(ge=SEVERITY_MIN, le=SEVERITY_MAX)
 
 
-def flaw_schema(dimension: str, max_flaws: int = 10) -> dict[str, Any]:
+def flaw_schema(
+    dimension: str, max_flaws: int = 10, max_instance_chars: int = MAX_INSTANCE_CHARS
+) -> dict[str, Any]:
     """The JSON schema the judge's output must follow for ``dimension``."""
     _check_dimension(dimension)
     item = {
         "type": "object",
         "properties": {
-            "instance": {"type": "string", "maxLength": MAX_INSTANCE_CHARS},
+            "instance": {"type": "string", "maxLength": max_instance_chars},
             "type": {"enum": list(FLAW_TYPES[dimension])},
             "severity": {"type": "integer", "minimum": SEVERITY_MIN, "maximum": SEVERITY_MAX},
         },
@@ -169,7 +173,8 @@ def parse_flaws(text: str, dimension: str) -> list[Flaw]:
         kind = known.get(str(item.get("type", "")).strip().casefold().replace(" ", "_").replace("-", "_"))
         if kind is None:
             raise JudgeOutputError(
-                f"flaw {i} has type {item.get('type')!r}; {dimension} allows {', '.join(FLAW_TYPES[dimension])}"
+                f"flaw {i} has type {item.get('type')!r}; "
+                f"{dimension} allows {', '.join(FLAW_TYPES[dimension])}"
             )
         severity = item.get("severity")
         if isinstance(severity, bool) or not isinstance(severity, int | float) or not math.isfinite(severity):
@@ -212,7 +217,9 @@ def public_text(message: str) -> str:
 
 
 def _has_her_tags(text: str) -> bool:
-    return any(f"<{t}>" in text or f"</{t}>" in text for t in ("system_thinking", "role_thinking", "role_action"))
+    return any(
+        f"<{t}>" in text or f"</{t}>" in text for t in ("system_thinking", "role_thinking", "role_action")
+    )
 
 
 def main_characters(scene: Scene) -> list[str]:
@@ -221,7 +228,12 @@ def main_characters(scene: Scene) -> list[str]:
 
 
 def build_transcript_judge_prompt(
-    scene: Scene, transcript: Sequence[DialogueLine], dimension: str, *, max_flaws: int = 10
+    scene: Scene,
+    transcript: Sequence[DialogueLine],
+    dimension: str,
+    *,
+    max_flaws: int = 10,
+    max_instance_chars: int = MAX_INSTANCE_CHARS,
 ) -> list[ChatMessage]:
     """System and user messages asking for ``dimension``'s flaws in ``transcript`` (a re-enactment of
     ``scene``). Sections whose source is missing from the scene are left out."""
@@ -242,13 +254,20 @@ def build_transcript_judge_prompt(
         profile = scene.profile_of(name) or scene.description_of(name) or "(no profile given)"
         profiles.append(f"### {name}\n{profile}")
     parts.append("## Main characters\n" + "\n\n".join(profiles))
-    parts.append("## The scene as the book writes it (inner thoughts removed)\n" + _fence("BOOK", original, nonce))
-    parts.append("## The re-enactment under review (inner thoughts removed)\n" + _fence("REENACTMENT", simulated, nonce))
+    parts.append(
+        "## The scene as the book writes it (inner thoughts removed)\n" + _fence("BOOK", original, nonce)
+    )
+    parts.append(
+        "## The re-enactment under review (inner thoughts removed)\n"
+        + _fence("REENACTMENT", simulated, nonce)
+    )
     title = DIMENSION_TITLES[dimension]
     if dimension == "character_fidelity":
         who = ", ".join(names)
-        aspect = (f"Are the main characters ({who}) portrayed as the book portrays them? Judge only {who}; "
-                  "the other characters and the narrator are outside this review.")
+        aspect = (
+            f"Are the main characters ({who}) portrayed as the book portrays them? Judge only {who}; "
+            "the other characters and the narrator are outside this review."
+        )
     else:
         aspect = _ASPECTS[dimension]
     types = "\n".join(f"- {name}: {meaning}" for name, meaning in FLAW_TYPES[dimension].items())
@@ -256,10 +275,11 @@ def build_transcript_judge_prompt(
     parts.append(
         "## Your answer\n"
         "List every flaw of this aspect you find in the re-enactment (not in the book's version), at most "
-        f"{max_flaws}. For each: `instance` quotes or describes where it happens (at most {MAX_INSTANCE_CHARS} "
-        "characters), `type` is one of the flaw types above, `severity` runs from 1 (a small slip) through "
-        "3 (a clear problem) to 5 (it breaks the scene). Flaws of other aspects do not count. Reply with "
-        'one JSON object and nothing else, like {"flaws": [{"instance": "...", "type": "...", "severity": 2}]}, '
+        f"{max_flaws}. For each: `instance` quotes or describes where it happens (at most "
+        f"{max_instance_chars} characters), `type` is one of the flaw types above, `severity` runs from 1 "
+        "(a small slip) through 3 (a clear problem) to 5 (it breaks the scene). Flaws of other aspects do "
+        "not count. Reply with one JSON object and nothing else, like "
+        '{"flaws": [{"instance": "...", "type": "...", "severity": 2}]}, '
         'or {"flaws": []} when there is nothing to criticise.'
     )
     return [ChatMessage(role="system", content=_SYSTEM), ChatMessage(role="user", content="\n\n".join(parts))]
@@ -271,7 +291,9 @@ def _fence(label: str, text: str, nonce: str) -> str:
 
 def _check_dimension(dimension: str) -> None:
     if dimension not in FLAW_TYPES:
-        raise ValueError(f"unknown dimension {dimension!r}; expected one of {', '.join(TRANSCRIPT_DIMENSIONS)}")
+        raise ValueError(
+            f"unknown dimension {dimension!r}; expected one of {', '.join(TRANSCRIPT_DIMENSIONS)}"
+        )
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -303,15 +325,23 @@ class TranscriptScore(BaseModel):
     usage: Usage = Field(default_factory=Usage)
 
 
-def fold_scores(results: Sequence[DimensionResult], actor_rounds: int, model: str, usage: Usage) -> TranscriptScore:
+def fold_scores(
+    results: Sequence[DimensionResult], actor_rounds: int, model: str, usage: Usage
+) -> TranscriptScore:
     """Combine per-dimension results: the average only when all are ok, else status error."""
     failed = [r for r in results if r.status != "ok"]
     ok_scores = [r.score for r in results if r.score is not None]
     average = None if failed or not ok_scores else round(sum(ok_scores) / len(ok_scores), 6)
     error = "; ".join(f"{r.dimension}: {r.error}" for r in failed) or None
     return TranscriptScore(
-        status="error" if failed else "ok", average=average, scores={r.dimension: r.score for r in results},
-        actor_rounds=actor_rounds, dimensions=list(results), error=error, model=model, usage=usage,
+        status="error" if failed else "ok",
+        average=average,
+        scores={r.dimension: r.score for r in results},
+        actor_rounds=actor_rounds,
+        dimensions=list(results),
+        error=error,
+        model=model,
+        usage=usage,
     )
 
 
@@ -325,6 +355,7 @@ class TranscriptScorerConfig:
 
     max_tokens: int = 1024
     max_flaws: int = 10
+    max_instance_chars: int = MAX_INSTANCE_CHARS
     attempts: int = 2
     temperature: float = 0.0
     retry_temperature: float = 0.7
@@ -332,8 +363,15 @@ class TranscriptScorerConfig:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
-        if self.max_flaws < 1 or self.max_tokens < 1:
-            raise ValueError(f"max_flaws and max_tokens must be >= 1, got {self.max_flaws}, {self.max_tokens}")
+        if min(self.max_flaws, self.max_tokens, self.max_instance_chars) < 1:
+            raise ValueError(
+                "max_flaws, max_tokens and max_instance_chars must be >= 1, got "
+                f"{self.max_flaws}, {self.max_tokens}, {self.max_instance_chars}"
+            )
+        if self.max_instance_chars > MAX_INSTANCE_CHARS:
+            raise ValueError(
+                f"max_instance_chars is at most {MAX_INSTANCE_CHARS}, got {self.max_instance_chars}"
+            )
 
 
 @dataclass
@@ -361,14 +399,22 @@ class TranscriptScorer:
         """
         cfg = self.config
         assert cfg is not None
-        lines = [line if isinstance(line, DialogueLine) else DialogueLine.model_validate(line) for line in transcript]
+        lines = [
+            line if isinstance(line, DialogueLine) else DialogueLine.model_validate(line)
+            for line in transcript
+        ]
         if not lines:
             raise ValueError("the transcript is empty: nothing to score")
         dims = list(dict.fromkeys(dimensions or TRANSCRIPT_DIMENSIONS))
         for d in dims:
             _check_dimension(d)
         actor_rounds = count_actor_rounds(lines)
-        prompts = {d: build_transcript_judge_prompt(scene, lines, d, max_flaws=cfg.max_flaws) for d in dims}
+        prompts = {
+            d: build_transcript_judge_prompt(
+                scene, lines, d, max_flaws=cfg.max_flaws, max_instance_chars=cfg.max_instance_chars
+            )
+            for d in dims
+        }
         base_seed = scene.seed if seed is None else seed
         results: dict[str, DimensionResult] = {}
         errors: dict[str, tuple[str, str | None]] = {}
@@ -377,8 +423,13 @@ class TranscriptScorer:
         for attempt in range(cfg.attempts):
             temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
             requests = [
-                GenRequest(messages=prompts[d], json_schema=flaw_schema(d, cfg.max_flaws), max_tokens=cfg.max_tokens,
-                           temperature=temperature, seed=_mix(base_seed, d, attempt))
+                GenRequest(
+                    messages=prompts[d],
+                    json_schema=flaw_schema(d, cfg.max_flaws, cfg.max_instance_chars),
+                    max_tokens=cfg.max_tokens,
+                    temperature=temperature,
+                    seed=_mix(base_seed, d, attempt),
+                )
                 for d in pending
             ]
             answers = await self.engine.generate(requests)
@@ -386,7 +437,9 @@ class TranscriptScorer:
                 raise RuntimeError(f"engine returned {len(answers)} results for {len(requests)} requests")
             still = []
             for d, res in zip(pending, answers, strict=True):
-                usage = usage + Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, calls=1)
+                usage = usage + Usage(
+                    prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, calls=1
+                )
                 try:
                     flaws = _read(res, d)
                 except JudgeOutputError as exc:
@@ -395,17 +448,25 @@ class TranscriptScorer:
                     continue
                 severity_sum = sum(f.severity for f in flaws)
                 results[d] = DimensionResult(
-                    dimension=d, status="ok", score=transcript_score([f.severity for f in flaws], actor_rounds),
-                    severity_sum=severity_sum, flaws=flaws, attempts=attempt + 1,
+                    dimension=d,
+                    status="ok",
+                    score=transcript_score([f.severity for f in flaws], actor_rounds),
+                    severity_sum=severity_sum,
+                    flaws=flaws,
+                    attempts=attempt + 1,
                 )
             pending = still
             if not pending:
                 break
         for d in pending:
             message, raw = errors[d]
-            results[d] = DimensionResult(dimension=d, status="error", attempts=cfg.attempts,
-                                         error=f"no readable flaw list after {cfg.attempts} attempts: {message}",
-                                         raw=raw)
+            results[d] = DimensionResult(
+                dimension=d,
+                status="error",
+                attempts=cfg.attempts,
+                error=f"no readable flaw list after {cfg.attempts} attempts: {message}",
+                raw=raw,
+            )
         return fold_scores([results[d] for d in dims], actor_rounds, self.engine.model_id, usage)
 
 

@@ -36,7 +36,8 @@ class DataSpec:
     """Where the training samples come from (at least one file in all)."""
 
     scene_files: list[str] = field(default_factory=list)
-    """CoSER scene files (JSON object, JSON list or JSONL); relative paths count from the YAML file's folder."""
+    """CoSER scene files (JSON object, JSON list or JSONL); relative paths count from the YAML file's
+    folder."""
     jsonl: list[str] = field(default_factory=list)
     """Sample files in the row formats of this module."""
     max_samples: int | None = None

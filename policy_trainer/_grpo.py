@@ -59,7 +59,8 @@ class RewardServiceDown(RuntimeError):
     """
 
     def __init__(self, *, step: int, down_s: float, missing: int, total: int, last_error: str | None) -> None:
-        self.step, self.down_s, self.missing, self.total, self.last_error = step, down_s, missing, total, last_error
+        self.step, self.down_s, self.missing, self.total = step, down_s, missing, total
+        self.last_error = last_error
         detail = f"; last error: {last_error}" if last_error else ""
         super().__init__(
             f"rm_server unreachable for {down_s:.0f} s at step {step} ({missing}/{total} rewards missing"
@@ -89,7 +90,9 @@ class RewardOutageGuard:
         self.client = client
         self.__name__ = getattr(client, "__name__", "her_genrm_reward")  # TRL names metrics after it
 
-    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    async def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any
+    ) -> list[float | None]:
         failures_before = _outage_count(self.client.stats)
         started = time.monotonic()
         rewards = await self.client(prompts, completions, **columns)
@@ -97,8 +100,10 @@ class RewardOutageGuard:
         if missing and (missing == len(rewards) or _outage_count(self.client.stats) > failures_before):
             state = columns.get("trainer_state")
             step = int(getattr(state, "global_step", -1)) + 1  # the step these rewards were for
-            raise RewardServiceDown(step=step, down_s=time.monotonic() - started, missing=missing,
-                                    total=len(rewards), last_error=getattr(self.client.stats, "last_error", None))
+            raise RewardServiceDown(
+                step=step, down_s=time.monotonic() - started, missing=missing, total=len(rewards),
+                last_error=getattr(self.client.stats, "last_error", None),
+            )
         return rewards
 
 
@@ -133,8 +138,8 @@ class GRPORunConfig:
 
         check_keys("grpo", self.grpo, init_fields(GRPOConfig))
         if "deepspeed" in self.grpo:
-            raise ConfigError("grpo.deepspeed is set; name the DeepSpeed JSON with the top-level `deepspeed:` key "
-                              "instead (it is resolved against the YAML file's folder)")
+            raise ConfigError("grpo.deepspeed is set; name the DeepSpeed JSON with the top-level "
+                              "`deepspeed:` key instead (it is resolved against the YAML file's folder)")
         if not self.grpo.get("output_dir"):
             raise ConfigError("grpo.output_dir is not set: give it in the YAML file or with --output-dir")
         num_generations = self.grpo.get("num_generations", 8)  # TRL's default
@@ -142,8 +147,9 @@ class GRPORunConfig:
             raise ConfigError(f"reward.strategy='group' compares rollouts of one prompt, but "
                               f"grpo.num_generations={num_generations}; use >= 2")
         if self.reward.strategy == "reference" and self.reward.reference_column != REFERENCE_COLUMN:
-            raise ConfigError(f"reward.reference_column={self.reward.reference_column!r}, but the training data "
-                              f"carries the reference reply in column {REFERENCE_COLUMN!r}; drop the key")
+            raise ConfigError(f"reward.reference_column={self.reward.reference_column!r}, but the training "
+                              f"data carries the reference reply in column {REFERENCE_COLUMN!r}; drop the key"
+                              )
         if self.deepspeed is not None and not self.deepspeed_path().is_file():
             raise ConfigError(f"deepspeed: {self.deepspeed_path()} is not a file (relative paths count from "
                               f"{self.base_dir or Path.cwd()})")

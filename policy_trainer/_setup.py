@@ -26,8 +26,10 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "ModelSpec", "TrainResult", "build_model_and_tokenizer", "ensure_single_process_env",
-           "load_yaml"]
+__all__ = [
+    "ConfigError", "ModelSpec", "TrainResult", "build_model_and_tokenizer", "ensure_single_process_env",
+    "load_yaml",
+]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _TINY_DEFAULTS = {
@@ -116,11 +118,12 @@ class ModelSpec:
         if (self.name_or_path is None) == (self.tiny_random is None):
             raise ConfigError(
                 "model: give exactly one of `name_or_path` (a real model) and `tiny_random` (sizes of a "
-                f"random-weight Llama); got name_or_path={self.name_or_path!r}, tiny_random={self.tiny_random!r}"
+                f"random-weight Llama); got name_or_path={self.name_or_path!r}, "
+                f"tiny_random={self.tiny_random!r}"
             )
         if self.tiny_random is not None and not self.tokenizer:
-            raise ConfigError("model.tiny_random needs model.tokenizer (e.g. smollm2-135m-instruct): a random "
-                              "model has no vocabulary of its own")
+            raise ConfigError("model.tiny_random needs model.tokenizer (e.g. smollm2-135m-instruct): a "
+                              "random model has no vocabulary of its own")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; expected one of {list(_DTYPES)}")
         if self.tiny_random is not None:
@@ -166,7 +169,8 @@ def build_model_and_tokenizer(spec: ModelSpec, base: Path | None = None) -> tupl
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     else:
         assert spec.name_or_path is not None
-        model = AutoModelForCausalLM.from_pretrained(_resolve_model_source(spec.name_or_path, base), dtype=dtype)
+        folder = _resolve_model_source(spec.name_or_path, base)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model, tokenizer
 
 

@@ -65,15 +65,18 @@ class SFTRunConfig:
 
         check_keys("sft", self.sft, init_fields(SFTConfig))
         if "deepspeed" in self.sft:
-            raise ConfigError("sft.deepspeed is set; name the DeepSpeed JSON with the top-level `deepspeed:` key")
+            raise ConfigError("sft.deepspeed is set; name the DeepSpeed JSON with the top-level "
+                              "`deepspeed:` key")
         if not self.sft.get("output_dir"):
             raise ConfigError("sft.output_dir is not set: give it in the YAML file or with --output-dir")
         if self.sft.get("completion_only_loss") is False:
-            raise ConfigError("sft.completion_only_loss=false would train on the whole conversation, other "
-                              "characters' lines included; the cold start trains the final turn only: drop the key")
+            raise ConfigError("sft.completion_only_loss=false would train on the whole conversation, "
+                              "other characters' lines included; the cold start trains the final turn only: "
+                              "drop the key")
         if self.sft.get("assistant_only_loss"):
-            raise ConfigError("sft.assistant_only_loss=true does not apply: the samples are prompt-completion "
-                              "pairs whose completion is the one trained turn; drop the key")
+            raise ConfigError("sft.assistant_only_loss=true does not apply: the samples are "
+                              "prompt-completion pairs whose completion is the one trained turn; "
+                              "drop the key")
         if self.deepspeed is not None and not resolve_path(self.deepspeed, self.base_dir).is_file():
             raise ConfigError(f"deepspeed: {resolve_path(self.deepspeed, self.base_dir)} is not a file")
 
@@ -118,7 +121,8 @@ class SFTRunConfig:
 
 
 class SFTRun:
-    """Builds the SFTTrainer of an :class:`SFTRunConfig` and runs it (``self.trainer`` after :meth:`build`)."""
+    """Builds the SFTTrainer of an :class:`SFTRunConfig` and runs it (``self.trainer`` after
+    :meth:`build`)."""
 
     def __init__(self, config: SFTRunConfig, *, callbacks: Iterable[Any] = ()) -> None:
         self.config = config

@@ -21,7 +21,7 @@ EXIT_REWARD_DOWN = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="train_command", metavar="MODE", required=True)
-    sft = sub.add_parser("sft", help="cold start on dual-layer SFT samples (loss on the final assistant turn)",
+    sft = sub.add_parser("sft", help="cold start on dual-layer SFT samples (loss on the final turn)",
                          description="SFT cold start with TRL's SFTTrainer, configured from a YAML file.")
     grpo = sub.add_parser("grpo", help="GRPO with rewards from rm_server",
                           description="GRPO with TRL's GRPOTrainer and rewards from rm_server over HTTP, "
@@ -37,15 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ._setup import ConfigError
 
     try:
         if args.train_command == "grpo":
             from ._grpo import GRPORun, GRPORunConfig
 
-            config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url, output_dir=args.output_dir,
-                                             max_steps=args.max_steps)
+            config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url,
+                                             output_dir=args.output_dir, max_steps=args.max_steps)
             print(f"her train grpo: rewards from {config.reward.url} ({config.reward.strategy}, "
                   f"{config.reward.judge_mode}); DeepSpeed: {config.deepspeed or 'off'}", flush=True)
             grpo_run = GRPORun(config)

@@ -31,6 +31,7 @@ from ._routes import api, health, metrics_router
 from ._serving import JudgeService
 from ._settings import ServerSettings
 from ._telemetry import JudgeTelemetry
+from ._transcripts import transcripts_router
 
 log = logging.getLogger("rm_server")
 
@@ -194,6 +195,7 @@ def build_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(health)
     app.include_router(api)
+    app.include_router(transcripts_router)
     metrics_deps = [Depends(require_key)] if settings.metrics_require_auth else []
     app.include_router(metrics_router, dependencies=metrics_deps)
     return app

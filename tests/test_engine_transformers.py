@@ -260,3 +260,126 @@ def test_bad_options_are_rejected() -> None:
         TransformersEngine(dtype="float8")
     with pytest.raises(EngineBadRequest, match="max_batch_size"):
         TransformersEngine(max_batch_size=0)
+
+
+# ---- shared-prefix KV reuse ------------------------------------------------------------------
+
+# A judge-like system prompt: long enough (well over MIN_PREFIX_TOKENS) to be shared, short enough for CPU.
+LONG_SYSTEM = (
+    "You judge replies in a role-play. Read the scene, then compare the two candidate replies. "
+    + " ".join(
+        f"Principle {i}: the reply should keep the character's voice, facts and mood consistent, case {i}."
+        for i in range(8)
+    )
+)
+USER_TURNS = [
+    "Hi.",
+    "Which reply keeps the captain calmer during the storm?",
+    "Tell me, briefly, who speaks first in the scene and why it matters for the judgement.",
+    "Pick one.",
+    "Is the second reply in character? Answer in a short sentence.",
+]
+
+
+def judge_like(user: str, **kw: object) -> GenRequest:
+    return GenRequest(messages=[{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": user}], **kw)
+
+
+@pytest.fixture(scope="module")
+def engine_off():
+    """The same model with prefix reuse switched off: the reference for exact comparisons."""
+    import asyncio
+
+    eng = TransformersEngine(DEFAULT_MODEL, prefix_cache=False)
+    yield eng
+    asyncio.run(eng.aclose())
+
+
+def test_common_prefix_len() -> None:
+    from her_engines._prefix import common_prefix_len
+
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # leaves one token of the shorter row
+    assert common_prefix_len([[7, 8, 9]]) == 2
+    assert common_prefix_len([[1, 2], [3, 4]]) == 0
+    assert common_prefix_len([[5], [5, 6]]) == 0
+
+
+async def test_prefix_reuse_keeps_greedy_output(engine, engine_off) -> None:
+    assert engine.prefix_store is not None and engine_off.prefix_store is None
+    reqs = [judge_like(u, max_tokens=16) for u in USER_TURNS]
+    lengths = [n_tokens(engine, r) for r in reqs]
+    assert len(set(lengths)) == len(lengths)  # different suffix lengths: padding sits mid-row
+    before = engine.prefix_store.tokens_served
+    reused = await engine.generate(reqs)
+    assert engine.prefix_store.tokens_served - before >= len(reqs) * 100  # the system prompt was shared
+    full = await engine_off.generate(reqs)
+    for a, b in zip(reused, full, strict=True):
+        assert a.error is None and b.error is None
+        # fp32 with the same positions and masks: observed token-identical. A different split of the
+        # prompt changes only summation order, so a flip would need a near-tie in 16 greedy tokens.
+        assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+        assert a.prompt_tokens == b.prompt_tokens
+
+
+async def test_stored_prefix_serves_a_later_single_request(engine, engine_off) -> None:
+    store = engine.prefix_store
+    await engine.generate([judge_like(u, max_tokens=1) for u in USER_TURNS[:2]])  # stores the shared prefix
+    req = judge_like("A question no earlier batch asked: is the tone right?", max_tokens=12)
+    ids = engine.tokenizer(engine.render(req), add_special_tokens=False).input_ids
+    entry = store._lookup(ids, len(ids) - 1)
+    assert entry is not None and len(entry) >= 100
+    snapshot = [(k.clone(), v.clone()) for k, v in entry.layers]
+    before = store.rows_served
+    (single,) = await engine.generate([req])
+    assert store.rows_served == before + 1  # served from the stored prefix alone
+    (reference,) = await engine_off.generate([req])
+    assert single.text == reference.text
+    # Generation worked on a copy: the stored tensors are untouched.
+    for (k, v), (k0, v0) in zip(entry.layers, snapshot, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+async def test_prefix_reuse_with_json_schema_and_sampling(engine, engine_off) -> None:
+    reqs = [
+        judge_like("Reply in JSON with my mood: I lost my keys again.", json_schema=MOOD_SCHEMA, max_tokens=40),
+        judge_like("Pick A or B, in JSON.", json_schema=VERDICT_SCHEMA, max_tokens=20),
+        judge_like("Say something kind.", max_tokens=10, temperature=0.8, seed=5),
+        judge_like("Hi.", max_tokens=10),
+    ]
+    before = engine.prefix_store.rows_served
+    reused = await engine.generate(reqs)
+    assert engine.prefix_store.rows_served == before + len(reqs)
+    assert reused[0].finish_reason == "stop", reused[0]
+    check_mood(json.loads(reused[0].text))
+    assert json.loads(reused[1].text) in ({"winner": "A"}, {"winner": "B"})
+    full = await engine_off.generate(reqs)
+    # The seeded sampled row draws from its own generator: same logits, same sample.
+    assert [r.text for r in reused] == [r.text for r in full]
+
+
+async def test_prefix_reuse_keeps_choice_logprobs(engine, engine_off) -> None:
+    choices = ["A", "B", "tie"]
+    reqs = [judge_like(u, choices=choices) for u in USER_TURNS[:3]]
+    before = engine.prefix_store.rows_served
+    reused = await engine.generate(reqs)
+    assert engine.prefix_store.rows_served >= before + len(reqs)
+    full = await engine_off.generate(reqs)
+    for a, b in zip(reused, full, strict=True):
+        assert a.choice_logprobs is not None and b.choice_logprobs is not None
+        for c in choices:
+            assert a.choice_logprobs[c] == pytest.approx(b.choice_logprobs[c], abs=1e-3)
+
+
+async def test_batch_without_shared_prefix(engine, engine_off) -> None:
+    # Long prompts (over the minimum) whose first tokens already differ: nothing to share.
+    reqs = [
+        GenRequest(prompt="Once upon a time, " + "the river ran past the mill and " * 12, max_tokens=8),
+        GenRequest(prompt="In the year 1800, " + "a letter arrived at the house and " * 12, max_tokens=8),
+    ]
+    store = engine.prefix_store
+    before = (store.rows_served, len(store))
+    results = await engine.generate(reqs)
+    assert (store.rows_served, len(store)) == before
+    assert all(r.error is None and r.completion_tokens >= 1 for r in results)
+    assert [r.text for r in results] == [r.text for r in await engine_off.generate(reqs)]

@@ -1,0 +1,265 @@
+"""Run a CoSER evaluation: simulate and score every (run, sample), in parallel, resumable.
+
+Layout of the output folder::
+
+    DIR/manifest.json                    what produced the results (a resume must match it)
+    DIR/samples/run{k}/{sample_id}.json  one finished sample: simulation, judgment, metrics, cost
+    DIR/results.json, DIR/report.md, DIR/scores.png   written by :mod:`eval._report`
+
+A sample file is written atomically as soon as the sample is done, and a rerun skips every sample
+whose file exists. A sample whose judge output stayed unreadable is finished with status ``"error"``
+(kept and counted, excluded from means). A sample that could not be finished at all (engine down,
+server unreachable) gets no file, so the next run retries it; it is counted as ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from her_engines import Engine, EngineError, GenRequest, GenResult
+from her_genrm._transcript import TRANSCRIPT_DIMENSIONS, TranscriptScore, public_text
+from her_genrm._types import Usage
+from her_roleplay import DialogueLine, Scene
+
+from ._remote import RemoteScoringError
+from ._simulate import SimulationConfig, derive_seed, simulate
+from ._textmetrics import bleu, rouge_l
+
+log = logging.getLogger("eval")
+SAMPLE_SCHEMA_VERSION = 1
+
+
+class TranscriptJudge(Protocol):
+    """Anything that scores a re-enactment: the local TranscriptScorer or the remote client."""
+
+    model_id: str
+
+    async def score(
+        self,
+        scene: Scene,
+        transcript: Sequence[DialogueLine],
+        *,
+        dimensions: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> TranscriptScore: ...
+
+
+class MeteredEngine:
+    """Wraps an engine and counts requests and tokens (the cost summary reads these)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model_id = engine.model_id
+        self.usage = Usage()
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        results = await self.engine.generate(requests)
+        for r in results:
+            self.usage = self.usage + Usage(
+                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, calls=1
+            )
+        return results
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation. ``identity`` names the actor and judge; it goes into the manifest."""
+
+    out_dir: Path
+    runs: int = 1
+    concurrency: int = 2
+    """Samples simulated and scored at the same time."""
+    judge_concurrency: int = 2
+    """Transcripts being judged at the same time (each sends its dimensions together)."""
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    identity: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if self.concurrency < 1 or self.judge_concurrency < 1:
+            raise ValueError("concurrency and judge_concurrency must be >= 1")
+
+    def manifest(self) -> dict[str, Any]:
+        return {"schema": SAMPLE_SCHEMA_VERSION, "simulation": self.simulation.fingerprint(), **self.identity}
+
+
+@dataclass
+class RunOutcome:
+    """What one invocation did (the report adds what earlier invocations left on disk)."""
+
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def sample_path(out_dir: Path, run: int, sample_id: str) -> Path:
+    return Path(out_dir) / "samples" / f"run{run}" / f"{sample_id}.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_manifest(config: EvalConfig) -> None:
+    """Write the manifest, or make sure an existing one describes the same evaluation."""
+    path = config.out_dir / "manifest.json"
+    wanted = config.manifest()
+    if path.exists():
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found != wanted:
+            diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{config.out_dir} holds results of a different evaluation (differs in: "
+                f"{', '.join(diff)}); use another --out folder or delete it"
+            )
+        return
+    write_json_atomic(path, wanted)
+
+
+def load_sample(path: Path) -> dict[str, Any] | None:
+    """A finished sample's record, or None when the file is missing or unreadable (then redone)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("schema") == SAMPLE_SCHEMA_VERSION else None
+
+
+async def evaluate_sample(
+    scene: Scene,
+    run: int,
+    *,
+    actor: Engine,
+    judge: TranscriptJudge,
+    config: SimulationConfig,
+    judge_gate: asyncio.Semaphore | None = None,
+) -> dict[str, Any]:
+    """Simulate and score one sample; the record that goes to its file."""
+    started = time.perf_counter()
+    metered = MeteredEngine(actor)
+    sim = await simulate(metered, scene, run=run, config=config)
+    transcript = sim.dialogue()
+    gate = judge_gate or asyncio.Semaphore(1)
+    async with gate:
+        judged = await judge.score(scene, transcript, seed=derive_seed(scene.seed, run, "judge"))
+    simulated_text, original_text = _visible_text(transcript), _visible_text(scene.dialogues)
+    return {
+        "schema": SAMPLE_SCHEMA_VERSION,
+        "sample_id": scene.sample_id,
+        "run": run,
+        "book": scene.book,
+        "i_p": scene.i_p,
+        "i_c": scene.i_c,
+        "seed": scene.seed,
+        "status": judged.status,
+        "error": judged.error,
+        "scores": {d: judged.scores.get(d) for d in TRANSCRIPT_DIMENSIONS},
+        "average": judged.average,
+        "bleu": bleu(simulated_text, original_text),
+        "rouge_l": rouge_l(simulated_text, original_text),
+        "actor_rounds": sim.actor_rounds,
+        "simulation": sim.model_dump(mode="json"),
+        "judgment": judged.model_dump(mode="json"),
+        "usage": {
+            "actor": metered.usage.model_dump(),
+            "judge": judged.usage.model_dump(),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    }
+
+
+def _visible_text(lines: Sequence[DialogueLine]) -> str:
+    """The dialogue as an audience saw it (no thoughts, no speaker names), one line per message."""
+    return "\n".join(t for t in (public_text(line.message) for line in lines) if t)
+
+
+async def run_eval(
+    scenes: Sequence[Scene],
+    *,
+    actor: Engine,
+    judge: TranscriptJudge,
+    config: EvalConfig,
+    on_sample_done: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
+) -> RunOutcome:
+    """Evaluate every (run, scene) not already on disk; at most ``config.concurrency`` at once.
+
+    ``on_sample_done`` is called with each new record after its file is written (an exception it
+    raises stops the whole run: tests use it to simulate a crash). Raises ValueError for duplicate
+    sample ids or a folder holding a different evaluation.
+    """
+    ids = [s.sample_id for s in scenes]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"the test file repeats samples (same book, i_p, i_c): {', '.join(dupes)}")
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    check_manifest(config)
+    outcome = RunOutcome()
+    started = time.perf_counter()
+    todo: list[tuple[int, Scene]] = []
+    for run in range(config.runs):
+        for scene in scenes:
+            key = f"run{run}/{scene.sample_id}"
+            if load_sample(sample_path(config.out_dir, run, scene.sample_id)) is not None:
+                outcome.skipped.append(key)
+            else:
+                todo.append((run, scene))
+    gate = asyncio.Semaphore(config.concurrency)
+    judge_gate = asyncio.Semaphore(config.judge_concurrency)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not config.progress, transient=False) as progress:
+        task = progress.add_task(
+            "CoSER samples", total=len(todo) + len(outcome.skipped), completed=len(outcome.skipped)
+        )
+
+        async def one(run: int, scene: Scene) -> None:
+            key = f"run{run}/{scene.sample_id}"
+            async with gate:
+                try:
+                    record = await evaluate_sample(
+                        scene, run, actor=actor, judge=judge, config=config.simulation, judge_gate=judge_gate
+                    )
+                except (EngineError, RemoteScoringError) as exc:
+                    # No file: the next run retries this sample.
+                    log.warning("sample %s failed: %s", key, exc)
+                    outcome.failed[key] = f"{type(exc).__name__}: {exc}"
+                    progress.advance(task)
+                    return
+                write_json_atomic(sample_path(config.out_dir, run, scene.sample_id), record)
+                outcome.computed.append(key)
+                progress.advance(task)
+                if on_sample_done is not None:  # inside the gate: nothing new starts before it returns
+                    maybe = on_sample_done(record)
+                    if maybe is not None:
+                        await maybe
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for run, scene in todo:
+                    group.create_task(one(run, scene))
+        except BaseExceptionGroup as eg:  # surface the one real error, not the group wrapper
+            if len(eg.exceptions) == 1:
+                raise eg.exceptions[0] from None
+            raise
+    outcome.seconds = round(time.perf_counter() - started, 3)
+    return outcome

@@ -1,0 +1,204 @@
+"""`her eval coser`: CoSER given-circumstance acting with the model under test, scored by a flaw judge.
+
+    her eval coser --test-file FILE --out DIR [--engine ...] [--max-rounds N] [--runs K] [--judge-url URL]
+
+The judge is a local engine (by default the model under test itself) or, with ``--judge-url``, a
+running rm_server (``POST /v1/score/transcript``). Rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from her_engines import DEFAULT_MODEL, Engine, create_engine
+from her_roleplay import SceneLoadError, load_scenes
+
+_ENGINES = ["transformers", "openai", "vllm"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK", required=True)
+    coser = sub.add_parser(
+        "coser",
+        help="CoSER given-circumstance acting (multi-agent re-enactment + flaw judge)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    coser.add_argument("--test-file", required=True, help="CoSER test set: JSON (object or list) or JSONL")
+    coser.add_argument(
+        "--out", required=True, help="output folder (results.json, report.md, scores.png, samples/)"
+    )
+    coser.add_argument(
+        "--runs", type=int, default=1, help="independent runs; 3 or more give 95%% CIs (default 1)"
+    )
+    coser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    coser.add_argument("--concurrency", type=int, default=2, help="samples in flight at once (default 2)")
+    coser.add_argument(
+        "--judge-concurrency", type=int, default=2, help="transcripts judged at once (default 2)"
+    )
+    coser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = coser.add_argument_group("model under test")
+    g.add_argument(
+        "--engine", choices=_ENGINES, default="transformers", help="engine backend (default transformers)"
+    )
+    g.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model id, HF folder or .gguf (default {DEFAULT_MODEL})"
+    )
+    g.add_argument("--base-url", default=None, help="server URL for --engine openai")
+    g.add_argument("--api-key", default=None, help="API key for --engine openai")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of transformers engines (default: all cores; 1 is faster on a busy machine)",
+    )
+    g.add_argument("--max-rounds", type=int, default=20, help="lines per re-enactment at most (default 20)")
+    g.add_argument(
+        "--min-end-round", type=int, default=5, help="the scene may end from this round (default 5)"
+    )
+    g.add_argument("--actor-max-tokens", type=int, default=512, help="token limit of an actor reply")
+    g.add_argument("--env-max-tokens", type=int, default=160, help="token limit of an Environment line")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (seeded per sample)")
+    g.add_argument("--top-p", type=float, default=0.95)
+
+    j = coser.add_argument_group("judge")
+    j.add_argument("--judge-url", default=None, help="score on this rm_server instead of a local engine")
+    j.add_argument(
+        "--judge-key",
+        default=os.environ.get("HER_JUDGE_KEY"),
+        help="Bearer key for --judge-url (default: $HER_JUDGE_KEY)",
+    )
+    j.add_argument(
+        "--judge-engine", choices=_ENGINES, default=None, help="local judge backend (default: --engine)"
+    )
+    j.add_argument("--judge-model", default=None, help="local judge model (default: the model under test)")
+    j.add_argument("--judge-base-url", default=None, help="server URL for --judge-engine openai")
+    j.add_argument("--judge-api-key", default=None, help="API key for --judge-engine openai")
+    j.add_argument("--judge-max-tokens", type=int, default=1024, help="token limit of one flaw list")
+    j.add_argument("--max-flaws", type=int, default=10, help="flaws listed per dimension at most")
+    j.add_argument("--max-instance-chars", type=int, default=200, help="length limit of a flaw's instance")
+    j.add_argument("--judge-attempts", type=int, default=2, help="tries per dimension before it is an error")
+    coser.set_defaults(_run_eval=_run_coser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._run_eval(args))
+
+
+def _engine(
+    kind: str, model: str, base_url: str | None, api_key: str | None, flag: str, threads: int | None = None
+) -> Engine:
+    options: dict[str, object] = {}
+    if kind == "transformers" and threads is not None:
+        options = {"threads": threads}
+    if kind == "openai":
+        if not base_url:
+            raise SystemExit(f"--{flag}engine openai needs --{flag}base-url")
+        options = {"base_url": base_url, "api_key": api_key}
+    return create_engine(kind, model, **options)  # type: ignore[arg-type]
+
+
+def _run_coser(args: argparse.Namespace) -> int:
+    return asyncio.run(_coser(args))
+
+
+async def _coser(args: argparse.Namespace) -> int:
+    from her_genrm._transcript import TranscriptScorer, TranscriptScorerConfig
+
+    from ._api import evaluate_coser
+    from ._remote import RemoteScorerOptions, RemoteTranscriptScorer
+    from ._runner import EvalConfig
+    from ._simulate import SimulationConfig
+
+    try:
+        sim = SimulationConfig(
+            max_rounds=args.max_rounds,
+            min_end_round=args.min_end_round,
+            actor_max_tokens=args.actor_max_tokens,
+            env_max_tokens=args.env_max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
+        judge_cfg = TranscriptScorerConfig(
+            max_tokens=args.judge_max_tokens,
+            max_flaws=args.max_flaws,
+            max_instance_chars=args.max_instance_chars,
+            attempts=args.judge_attempts,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"her eval coser: {exc}") from None
+    try:  # read the test file before loading any model: a bad file should fail fast
+        scenes = load_scenes(args.test_file)
+    except SceneLoadError as exc:
+        raise SystemExit(f"her eval coser: {exc}") from None
+    actor = _engine(args.engine, args.model, args.base_url, args.api_key, "", args.threads)
+    owned: list = [actor]
+    try:
+        if args.judge_url:
+            judge = RemoteTranscriptScorer(
+                args.judge_url,
+                api_key=args.judge_key,
+                options=RemoteScorerOptions(
+                    max_tokens=judge_cfg.max_tokens,
+                    max_flaws=judge_cfg.max_flaws,
+                    max_instance_chars=judge_cfg.max_instance_chars,
+                ),
+            )
+            owned.append(judge)
+            judge_name = "rm_server"
+        else:
+            kind, model = args.judge_engine or args.engine, args.judge_model or args.model
+            same = (kind, model, args.judge_base_url or args.base_url) == (
+                args.engine,
+                args.model,
+                args.base_url,
+            )
+            judge_engine = (
+                actor
+                if same
+                else _engine(kind, model, args.judge_base_url, args.judge_api_key, "judge-", args.threads)
+            )
+            if judge_engine is not actor:
+                owned.append(judge_engine)
+            judge = TranscriptScorer(judge_engine, judge_cfg)
+            judge_name = f"{kind}:{judge_engine.model_id}"
+        config = EvalConfig(
+            out_dir=Path(args.out),
+            runs=args.runs,
+            concurrency=args.concurrency,
+            judge_concurrency=args.judge_concurrency,
+            simulation=sim,
+            progress=not args.no_progress,
+            identity={
+                "actor": f"{args.engine}:{actor.model_id}",
+                "judge": judge_name,
+                "judge_settings": {
+                    "max_tokens": judge_cfg.max_tokens,
+                    "max_flaws": judge_cfg.max_flaws,
+                    "max_instance_chars": judge_cfg.max_instance_chars,
+                    "attempts": judge_cfg.attempts,
+                },
+            },
+        )
+        try:
+            results, outcome = await evaluate_coser(
+                scenes, actor=actor, judge=judge, config=config, limit=args.limit
+            )
+        except ValueError as exc:  # duplicate samples, a folder holding another evaluation, bad --limit
+            raise SystemExit(f"her eval coser: {exc}") from None
+    finally:
+        for thing in reversed(owned):
+            await thing.aclose()
+    avg = results["summary"]["average"]
+    ci = f" ± {avg['ci95']:.2f}" if avg["ci95"] is not None else ""
+    mean = "n/a" if avg["mean"] is None else f"{avg['mean']:.2f}{ci}"
+    print(
+        f"average score {mean} over {results['samples_ok']} ok samples "
+        f"({results['samples_error']} judge errors, {len(outcome.failed)} failed); "
+        f"report: {Path(args.out) / 'report.md'}"
+    )
+    return 1 if outcome.failed else 0
