@@ -24,7 +24,7 @@ from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
 from ._batcher import QueueFull
-from ._cache import RedisVerdictCache, build_cache
+from ._cache import LRUVerdictCache, RedisVerdictCache, VerdictCache
 from ._errors import BodyTooLarge, mapped_exception_classes, status_of
 from ._protocol import ErrorBody, ErrorEnvelope, InfoResponse
 from ._routes import api, health, metrics_router
@@ -97,7 +97,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             return error_response(500, kind, "internal error; see the server log")
         headers = None
         if isinstance(exc, QueueFull):
-            headers = {"Retry-After": exc.retry_after_header()}
+            headers = {"Retry-After": exc.retry_after_header}
         return error_response(status, kind, str(exc) or kind, headers=headers)
 
     # Specific classes go to Starlette's ExceptionMiddleware (answered quietly); the catch-all
@@ -129,8 +129,11 @@ def build_app(
     library = library or (PrincipleLibrary.load(settings.principles_path) if settings.principles_path
                           else default_library())
     telemetry = JudgeTelemetry(window=settings.telemetry_window)
-    cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
-                        on_error=telemetry.record_cache_error)
+    cache: VerdictCache
+    if settings.redis_url:
+        cache = RedisVerdictCache(settings.redis_url, ttl_s=settings.cache_ttl_s, on_error=telemetry.record_cache_error)
+    else:
+        cache = LRUVerdictCache(max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s)
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry)
     owns_engine = engine is None
 
