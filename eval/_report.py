@@ -248,7 +248,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = results["summary"]
-    names = [TITLES[m] for m in CHART_METRICS]
+    names = [TITLES[m].replace(" ", "\n") for m in CHART_METRICS]
     means = [summary[m]["mean"] for m in CHART_METRICS]
     errs = [summary[m]["ci95"] for m in CHART_METRICS]
     has_ci = any(e is not None for e in errs)
@@ -262,17 +262,19 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
             yerr=[e if e is not None else 0.0 for e in errs] if has_ci else None,
             capsize=6,
         )
-        for bar, v in zip(bars, means, strict=True):
+        for bar, v, e in zip(bars, means, errs, strict=True):
+            label = "n/a" if v is None else f"{v:.1f}" + (f" ± {e:.1f}" if e is not None else "")
             ax.annotate(
-                "n/a" if v is None else f"{v:.1f}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height() + (e or 0.0)),  # above the error bar
                 ha="center",
                 va="bottom",
                 fontsize=9,
                 xytext=(0, 3),
                 textcoords="offset points",
             )
-        ax.set_ylim(0, 105)
+        top = max(h + (e or 0.0) for h, e in zip(heights, errs, strict=True))
+        ax.set_ylim(0, max(105.0, top + 8.0))
         ax.set_ylabel("score (0–100)")
         runs = results["runs"]
         ax.set_title(f"CoSER GCA scores ({runs} run{'s' if runs != 1 else ''}{', 95% CI' if has_ci else ''})")

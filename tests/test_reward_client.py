@@ -387,10 +387,10 @@ def _judgments(url: str) -> float:
                if s.name == "rm_judgments_total")
 
 
-def _dialogue(scene, n_prompts: int = 2) -> tuple[list, list[str], list[str]]:
+def _dialogue(scene, n_prompts: int = 2, skip: int = 0) -> tuple[list, list[str], list[str]]:
     """n prompts × 2 completions from the fixture scene; each one's reference is the other candidate."""
     prompts, completions, references = [], [], []
-    for pair in fixture_pairs(scene, n_prompts):
+    for pair in fixture_pairs(scene, skip + n_prompts)[skip:]:
         context = [m.model_dump() for m in pair["context"]]
         for mine, other in ((pair["a"], pair["b"]), (pair["b"], pair["a"])):
             prompts.append(context)
@@ -402,7 +402,8 @@ def _dialogue(scene, n_prompts: int = 2) -> tuple[list, list[str], list[str]]:
 @pytest.mark.model
 @pytest.mark.parametrize("strategy", ["reference", "group"])
 async def test_real_server_rewards(rm_server, scene, strategy):
-    prompts, completions, references = _dialogue(scene)
+    # different turns per strategy, so that neither is answered from the other's cached verdicts
+    prompts, completions, references = _dialogue(scene, skip=0 if strategy == "reference" else 2)
     before = _judgments(rm_server.base_url)
     client = RewardClient(url=rm_server.base_url, strategy=strategy, judge_mode="fast", request_timeout_s=600)
     rewards = await client(prompts, completions, reference=references)
