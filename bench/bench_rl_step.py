@@ -14,6 +14,7 @@ histogram). The goal reads: remote step <= 1.15 x local step + judge time, i.e.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def run_once(args: argparse.Namespace, url: str, out: Path, remote: bool) -> tup
     config = GRPORunConfig.from_yaml(SMOKE, reward_url=url, output_dir=str(out), max_steps=args.steps)
     config.reward.judge_mode = args.mode
     config.save_final_model = False
+    config.grpo.update(logging_steps=10_000, disable_tqdm=True)  # keep the output to the figures
     if not args.deepspeed:
         config.deepspeed = None
     timer = StepTimer(url if remote else None)
@@ -125,27 +127,37 @@ def main() -> None:
     port = free_port()
     argv = ["env", "-u", "RM_REDIS_URL", "RM_MAX_WAIT_MS=5", str(ROOT / ".venv" / "bin" / "her"), "serve",
             "--port", str(port)]
+    loads = []
+    # local, remote, local again: the machine is shared, so the baseline is taken on both sides of
+    # the remote run and the load average is printed beside each run.
     with tempfile.TemporaryDirectory(prefix="her-bench-rl-") as tmp, \
             ServerProcess(argv, port, ready_path="/readyz", startup_timeout=300) as server:
-        local_timer, _ = run_once(args, server.base_url, Path(tmp) / "local", remote=False)
-        remote_timer, reward = run_once(args, server.base_url, Path(tmp) / "remote", remote=True)
+        runs = {}
+        for name, remote in (("local-1", False), ("remote", True), ("local-2", False)):
+            load_before = os.getloadavg()[0]
+            runs[name] = run_once(args, server.base_url, Path(tmp) / name, remote=remote)
+            loads.append(f"{name}: {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
 
-    local = local_timer.steps[1:]
+    local = runs["local-1"][0].steps[1:] + runs["local-2"][0].steps[1:]
+    remote_timer, reward = runs["remote"]
     remote = remote_timer.steps[1:]
     calls, judged = reward.calls[1:], remote_timer.server[1:]
     med = statistics.median
     deepspeed = "on" if args.deepspeed else "off"
     print(f"GRPO step, tiny policy on CPU, judge mode {args.mode}, DeepSpeed {deepspeed}; "
-          f"{len(local)} measured steps per run (warm-up left out)")
-    print("local constant reward, step s: " + ", ".join(f"{s:.2f}" for s in local))
+          f"{len(remote)} measured steps per run (warm-up left out)")
+    print("load average (1 min) per run: " + "; ".join(loads))
+    print("local constant reward, step s: " + ", ".join(f"{s:.2f}" for s in local) + "  (runs 1 and 2)")
     print("remote reward, step s:         " + ", ".join(f"{s:.2f}" for s in remote))
     print("  reward call (client) s:      " + ", ".join(f"{s:.2f}" for s in calls))
     print("  server /v1/rewards s:        " + ", ".join(f"{s:.2f}" for s in judged))
+    rest = [r - j for r, j in zip(remote, judged, strict=True)]
+    print("  step minus judge time s:     " + ", ".join(f"{s:.2f}" for s in rest))
     print(f"median step: local {med(local):.2f} s, remote {med(remote):.2f} s "
           f"(ratio {med(remote) / med(local):.2f}x); median judge time (server) {med(judged):.2f} s")
-    overhead = [(r - j) / med(local) for r, j in zip(remote, judged, strict=True)]
+    overhead = med(rest) / med(local)
     client_extra = med([c - j for c, j in zip(calls, judged, strict=True)])
-    print(f"(remote step - judge time) / local step: median {med(overhead):.3f}x (goal <= 1.15x); "
+    print(f"(remote step - judge time) / local step: {overhead:.3f}x (goal <= 1.15x); "
           f"client-side time beyond the server's: {client_extra:.3f} s per call")
 
 

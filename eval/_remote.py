@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from her_genrm._transcript import TranscriptScore
+from her_genrm import TranscriptScore
 from her_roleplay import DialogueLine, Scene
 
 ROUTE = "/v1/score/transcript"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from her_genrm._transcript import DIMENSION_TITLES, TRANSCRIPT_DIMENSIONS
+from her_genrm import DIMENSION_TITLES, TRANSCRIPT_DIMENSIONS
 
 from ._runner import RunOutcome, load_sample, sample_path, write_json_atomic
 

@@ -27,8 +27,7 @@ from typing import Any, Protocol
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from her_engines import Engine, EngineError, GenRequest, GenResult
-from her_genrm._transcript import TRANSCRIPT_DIMENSIONS, TranscriptScore, public_text
-from her_genrm._types import Usage
+from her_genrm import TRANSCRIPT_DIMENSIONS, TranscriptScore, Usage, public_text
 from her_roleplay import DialogueLine, Scene
 
 from ._remote import RemoteScoringError

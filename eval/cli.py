@@ -107,7 +107,7 @@ def _run_coser(args: argparse.Namespace) -> int:
 
 
 async def _coser(args: argparse.Namespace) -> int:
-    from her_genrm._transcript import TranscriptScorer, TranscriptScorerConfig
+    from her_genrm import TranscriptScorer, TranscriptScorerConfig
 
     from ._api import evaluate_coser
     from ._remote import RemoteScorerOptions, RemoteTranscriptScorer

@@ -44,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from her_genrm._types import Comparison, Mode, OrderResult, Pattern, TemplateName, Verdict, Winner
+from her_genrm import Comparison, Mode, OrderResult, Pattern, TemplateName, Verdict, Winner
 
 __all__ = [
     "KEY_PREFIX",

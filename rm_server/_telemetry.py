@@ -35,7 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from her_genrm._types import Pattern, Verdict
+from her_genrm import Pattern, Verdict
 
 __all__ = ["JudgeTelemetry"]
 

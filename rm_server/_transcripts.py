@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from her_genrm._transcript import (
+from her_genrm import (
     MAX_INSTANCE_CHARS,
     TranscriptDimension,
     TranscriptScore,
