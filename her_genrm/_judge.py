@@ -59,7 +59,7 @@ class GenRMConfig:
     """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
 
     principle_detail: Literal["definition", "name", "id"] = "id"
-    cot_max_tokens: int = 360
+    cot_max_tokens: int = CompactTemplate.max_output_tokens()
     her_rm_max_tokens: int = 1536
     temperature: float = 0.0
     top_p: float = 1.0

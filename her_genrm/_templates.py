@@ -22,7 +22,10 @@ from her_roleplay import PrincipleLibrary
 Slot = Literal["A", "B", "tie"]
 SLOTS: tuple[Slot, ...] = ("A", "B", "tie")
 MIN_PRINCIPLES, MAX_PRINCIPLES = 3, 5
-REASON_MAX_CHARS = 80
+REASON_MAX_CHARS = 60
+# No quotes, backslashes or control characters: JSON escapes would let one character cost
+# several tokens, and the token bound below relies on at most one token per character.
+REASON_PATTERN = rf'^[^"\\\x00-\x1f]{{0,{REASON_MAX_CHARS}}}$'
 
 
 def _sha(text: str) -> str:
@@ -114,6 +117,16 @@ class CompactTemplate:
         )
         return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=user)]
 
+    @staticmethod
+    def max_output_tokens(longest_id_tokens: int = 12) -> int:
+        """A token budget the schema can never exceed, so a cot answer always finishes.
+
+        Per comparison: JSON punctuation and keys (~20 tokens), an id, a winner, and a reason of
+        at most REASON_MAX_CHARS characters (at most one token each, given REASON_PATTERN).
+        """
+        per_comparison = 20 + longest_id_tokens + 2 + REASON_MAX_CHARS
+        return MAX_PRINCIPLES * per_comparison + 16
+
     def output_schema(self) -> dict[str, Any]:
         """JSON schema of a cot answer; principle ids are an enum of the library so output always parses."""
         return {
@@ -128,7 +141,7 @@ class CompactTemplate:
                         "properties": {
                             "principle": {"type": "string", "enum": self.library.ids()},
                             "winner": {"type": "string", "enum": list(SLOTS)},
-                            "reason": {"type": "string", "maxLength": REASON_MAX_CHARS},
+                            "reason": {"type": "string", "pattern": REASON_PATTERN},
                         },
                         "required": ["principle", "winner", "reason"],
                         "additionalProperties": False,

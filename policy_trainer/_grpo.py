@@ -9,12 +9,14 @@ top-level keys ``deepspeed`` (a DeepSpeed JSON file, or null) and ``save_final_m
 
 Reward outages. The reward client retries a restarting rm_server for up to
 ``reward.retry_budget_s``, so a restart costs only time. When the budget runs out some rewards come
-back None. TRL would turn them into NaN and train on what is left, or, with every reward missing,
-still run the optimizer step with all-zero advantages. :class:`RewardOutageGuard` prevents both:
-it raises :class:`RewardServiceDown` from inside the reward computation, which comes before the
-step's backward pass and optimizer update, and the run ends with a message saying so. A ``None`` for
-a single item on a healthy server (e.g. a judgment that failed to parse) is not an outage: TRL's NaN
-handling leaves that rollout out of the update, as intended.
+back None. TRL 1.16 turns None into NaN, leaves NaN rows out of the group baselines (nanmean/nanstd)
+and zeroes their advantages, so it would train on whatever is left; with every reward missing it
+still runs the optimizer step (all-zero advantages: no policy-gradient signal, but the scheduler
+advances, and with ``beta > 0`` the KL term alone moves the weights). :class:`RewardOutageGuard`
+prevents both: it raises :class:`RewardServiceDown` from inside the reward computation, which comes
+before the step's backward pass and optimizer update, and the run ends with a message saying so.
+A ``None`` for a single item on a healthy server (e.g. a judgment that failed to parse) is not an
+outage: TRL's NaN handling leaves that rollout out of the update, as intended.
 """
 
 from __future__ import annotations
@@ -58,14 +60,22 @@ class RewardServiceDown(RuntimeError):
     missing rewards.
     """
 
-    def __init__(self, *, step: int, down_s: float, missing: int, total: int, last_error: str | None) -> None:
+    def __init__(
+        self, *, step: int, down_s: float, missing: int, total: int, last_error: str | None,
+        unreachable: bool = True,
+    ) -> None:
         self.step, self.down_s, self.missing, self.total = step, down_s, missing, total
-        self.last_error = last_error
+        self.last_error, self.unreachable = last_error, unreachable
         detail = f"; last error: {last_error}" if last_error else ""
+        if unreachable:
+            what = f"rm_server unreachable for {down_s:.0f} s at step {step}"
+            fix = "Bring the server back (or raise reward.retry_budget_s)"
+        else:  # it answered, but with no usable reward at all
+            what = f"rm_server gave no reward for any rollout at step {step}"
+            fix = "Check the server's log and rm_parse_failures_total"
         super().__init__(
-            f"rm_server unreachable for {down_s:.0f} s at step {step} ({missing}/{total} rewards missing"
-            f"{detail}); no update was made on missing rewards. Bring the server back (or raise "
-            "reward.retry_budget_s) and resume from the last checkpoint."
+            f"{what} ({missing}/{total} rewards missing{detail}); no update was made on missing rewards. "
+            f"{fix} and resume from the last checkpoint."
         )
 
 
@@ -97,12 +107,13 @@ class RewardOutageGuard:
         started = time.monotonic()
         rewards = await self.client(prompts, completions, **columns)
         missing = sum(r is None for r in rewards)
-        if missing and (missing == len(rewards) or _outage_count(self.client.stats) > failures_before):
+        unreachable = _outage_count(self.client.stats) > failures_before
+        if missing and (unreachable or missing == len(rewards)):
             state = columns.get("trainer_state")
             step = int(getattr(state, "global_step", -1)) + 1  # the step these rewards were for
             raise RewardServiceDown(
                 step=step, down_s=time.monotonic() - started, missing=missing, total=len(rewards),
-                last_error=getattr(self.client.stats, "last_error", None),
+                last_error=getattr(self.client.stats, "last_error", None), unreachable=unreachable,
             )
         return rewards
 

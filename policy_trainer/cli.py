@@ -3,6 +3,12 @@
     her train sft  --config policy_trainer/configs/sft_cpu_smoke.yaml
     her train grpo --config policy_trainer/configs/grpo_cpu_smoke.yaml --reward-url http://127.0.0.1:8000
 
+On GPUs, under a launcher (the DeepSpeed settings then come from the accelerate file, so the
+training YAML keeps `deepspeed: null`):
+
+    accelerate launch --config_file policy_trainer/configs/accelerate_zero2.yaml
+        -m her_cli.main train grpo --config my_grpo.yaml --reward-url http://rm-host:8000   (one line)
+
 Exit codes: 0 finished; 2 the config is wrong (the message says what to change); 3 the run stopped
 early because rm_server stayed unreachable past the reward retry budget (no update was made on
 missing rewards; the message says at which step).

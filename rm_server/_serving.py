@@ -258,7 +258,8 @@ class JudgeService:
         assert body.labels is not None
         responses = [q[len(p):] for q, p in zip(body.query, body.prompts, strict=True)]
         result = await self.rewards(RewardsBody(prompts=list(body.prompts), completions=responses,
-                                                references=body.labels, strategy="reference"))
+                                                references=body.labels, strategy="reference",
+                                                mode=self.settings.openrlhf_mode))
         return OpenRLHFRewardResponse(
             rewards=result.rewards,
             scores=result.rewards,

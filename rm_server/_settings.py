@@ -32,6 +32,8 @@ class ServerSettings(BaseSettings):
     """API key for the OpenAI-compatible server."""
     principles_path: str | None = None
     """Principle library YAML; default: the bundled library."""
+    openrlhf_mode: Literal["cot", "fast"] = "cot"
+    """Judge mode for /get_reward (OpenRLHF's protocol carries no mode)."""
     principle_detail: Literal["definition", "name", "id"] = "id"
     """How the compact template lists principles: ids only (cheapest), short names, or full definitions."""
     her_rm_template: str | None = None

@@ -49,7 +49,7 @@ def pairs(scene):
 def server(engine, redis_url_module):
     """One app on the machine's Redis (a fresh key space via a unique model revision is not needed:
     keys include the principle/template hashes and the test content)."""
-    app = build_app(_settings(redis_url=redis_url_module), engine=engine)
+    app = build_app(_settings(redis_url=redis_url_module, openrlhf_mode="fast"), engine=engine)
     with serve_app(app, ready_path="/healthz") as base:
         yield base
 
@@ -184,12 +184,8 @@ def test_bad_input_is_a_clear_4xx(server, pairs):
 
 def test_metrics_scrape_parses_and_counts(server):
     m = _metrics(server)
-    assert (
-        m["rm_judgments_total{mode=cot,status=ok,verdict=a}"]
-        + m.get("rm_judgments_total{mode=cot,status=ok,verdict=b}", 0)
-        + m.get("rm_judgments_total{mode=cot,status=ok,verdict=tie}", 0)
-        >= 1
-    )
+    judged = sum(v for k, v in m.items() if k.startswith("rm_judgments_total{mode=cot,status=ok"))
+    assert judged >= 1
     assert m["rm_cache_requests_total{result=hit}"] >= 1
     assert m["rm_window_judgments"] >= 1
     assert 0.0 <= m["rm_first_slot_win_ratio"] <= 1.0 or math.isnan(m["rm_first_slot_win_ratio"])

@@ -181,6 +181,46 @@ def test_grpo_rows_hold_the_prompt_and_the_visible_reference(scene, tmp_path):
         load_sft_dataset(DataSpec(jsonl=[str(jsonl)]))
 
 
+class _StubClient:
+    """Fault injection for the guard: replays fixed rewards and bumps the error counters it is told to."""
+
+    __name__ = "stub_reward"
+
+    def __init__(self, rewards, errors_during_call: dict[str, int]) -> None:
+        from policy_trainer._reward_client import RewardStats
+
+        self.rewards, self.errors = rewards, errors_during_call
+        self.stats = RewardStats()
+
+    async def __call__(self, prompts, completions, **columns):
+        for kind, n in self.errors.items():
+            self.stats.http_errors[kind] = self.stats.http_errors.get(kind, 0) + n
+        self.stats.last_error = "boom" if self.errors else None
+        return list(self.rewards)
+
+
+def test_outage_guard_passes_item_failures_and_stops_on_outages():
+    import asyncio
+    from types import SimpleNamespace
+
+    from policy_trainer._grpo import RewardOutageGuard, RewardServiceDown
+
+    state = SimpleNamespace(global_step=4)
+
+    def call(rewards, errors):
+        guard = RewardOutageGuard(_StubClient(rewards, errors))
+        return asyncio.run(guard(["p"] * len(rewards), ["c"] * len(rewards), trainer_state=state))
+
+    # A single failed judgment on a healthy server stays a None (TRL leaves that rollout out).
+    assert call([0.5, None], {}) == [0.5, None]
+    # A 422 for one bad rollout is not an outage either.
+    assert call([1.0, None], {"422": 1}) == [1.0, None]
+    with pytest.raises(RewardServiceDown, match=r"rm_server unreachable for \d+ s at step 5 \(1/2"):
+        call([1.0, None], {"connect": 3})
+    with pytest.raises(RewardServiceDown, match="gave no reward for any rollout at step 5"):
+        call([None, None], {})
+
+
 # --- SFT -------------------------------------------------------------------------------------------
 
 
