@@ -147,12 +147,13 @@ def test_rewards_against_references_with_format_penalty(server, pairs):
     assert out["rewards"][1] in (-0.5, 0.0, 0.5)  # discrete outcome minus the penalty
 
 
-def test_openrlhf_protocol(server, pairs):
+def test_openrlhf_protocol(server, pairs, unique):
     empty = httpx.post(server + "/get_reward", json={"query": [], "prompts": [], "labels": []})
     assert empty.status_code == 200 and empty.json() == {"rewards": [], "scores": [], "extra_logs": {}}
     prompt = "Mr Bennet: Lizzy, come into my room.\nElizabeth Bennet:"
     response = " (follows him) What is it, Papa?"
-    body = {"query": [prompt + response], "prompts": [prompt], "labels": ["Yes."]}
+    label = f"Yes. ({unique})"  # unique per run: the shared Redis cannot hold this verdict yet
+    body = {"query": [prompt + response], "prompts": [prompt], "labels": [label]}
     r = httpx.post(server + "/get_reward", json=body, timeout=600)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -160,7 +161,7 @@ def test_openrlhf_protocol(server, pairs):
     assert out["rewards"][0] in (0.0, 0.5, 1.0) and out["extra_logs"]["judge_ok"] == [1.0]
     # the judged response was query minus prompt: judging that exact pair now hits the cache
     hit = httpx.post(
-        server + "/v1/judge", json={"context": prompt, "a": response, "b": "Yes."}, timeout=60
+        server + "/v1/judge", json={"context": prompt, "a": response, "b": label, "mode": "fast"}, timeout=60
     ).json()
     assert hit["cached"] is True
 
