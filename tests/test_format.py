@@ -26,7 +26,7 @@ from her_roleplay._format import (
 )
 from her_roleplay._validate import FINDING_CODES
 
-FIXTURE = Path("/work/shared/fixtures/coser_test_sample_pride_and_prejudice.json")
+FIXTURE = Path(__file__).resolve().parent / "data" / "coser_test_sample_pride_and_prejudice.json"
 MESSAGES = [d["message"] for d in json.loads(FIXTURE.read_text(encoding="utf-8"))["dialogues"]]
 PARSER_CODES = {
     "malformed_tag",

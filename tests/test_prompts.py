@@ -21,7 +21,7 @@ from her_roleplay._prompts import (
 )
 from her_roleplay._scene import Scene
 
-FIXTURE = Path("/work/shared/fixtures/coser_test_sample_pride_and_prejudice.json")
+FIXTURE = Path(__file__).resolve().parent / "data" / "coser_test_sample_pride_and_prejudice.json"
 LIZZY, FATHER = "Elizabeth Bennet", "Mr Bennet"
 
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from her_roleplay._scene import ENVIRONMENT, KeyCharacter, Scene, SceneLoadError, load_scenes
 
-FIXTURE = Path("/work/shared/fixtures/coser_test_sample_pride_and_prejudice.json")
+FIXTURE = Path(__file__).resolve().parent / "data" / "coser_test_sample_pride_and_prejudice.json"
 
 
 @pytest.fixture(scope="module")

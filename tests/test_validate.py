@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from her_roleplay._format import coser_to_her
 from her_roleplay._validate import FINDING_CODES, validate_reply
 
-FIXTURE = Path("/work/shared/fixtures/coser_test_sample_pride_and_prejudice.json")
+FIXTURE = Path(__file__).resolve().parent / "data" / "coser_test_sample_pride_and_prejudice.json"
 RAW = json.loads(FIXTURE.read_text(encoding="utf-8"))
 LIZZY = "Elizabeth Bennet"
 OTHERS = ["Mr Bennet", "Mr. Darcy", "Jane Bennet", "Mr. Collins"]
