@@ -35,7 +35,9 @@ from ._setup import (
     ModelSpec,
     TrainResult,
     build_model_and_tokenizer,
+    check_deepspeed_file,
     check_keys,
+    check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
     init_fields,
@@ -147,12 +149,7 @@ class GRPORunConfig:
     def __post_init__(self) -> None:
         from trl import GRPOConfig
 
-        check_keys("grpo", self.grpo, init_fields(GRPOConfig))
-        if "deepspeed" in self.grpo:
-            raise ConfigError("grpo.deepspeed is set; name the DeepSpeed JSON with the top-level "
-                              "`deepspeed:` key instead (it is resolved against the YAML file's folder)")
-        if not self.grpo.get("output_dir"):
-            raise ConfigError("grpo.output_dir is not set: give it in the YAML file or with --output-dir")
+        check_trainer_section("grpo", self.grpo, GRPOConfig)
         num_generations = self.grpo.get("num_generations", 8)  # TRL's default
         if self.reward.strategy == "group" and num_generations < 2:
             raise ConfigError(f"reward.strategy='group' compares rollouts of one prompt, but "
@@ -161,9 +158,7 @@ class GRPORunConfig:
             raise ConfigError(f"reward.reference_column={self.reward.reference_column!r}, but the training "
                               f"data carries the reference reply in column {REFERENCE_COLUMN!r}; drop the key"
                               )
-        if self.deepspeed is not None and not self.deepspeed_path().is_file():
-            raise ConfigError(f"deepspeed: {self.deepspeed_path()} is not a file (relative paths count from "
-                              f"{self.base_dir or Path.cwd()})")
+        check_deepspeed_file(self.deepspeed, self.base_dir)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> GRPORunConfig:

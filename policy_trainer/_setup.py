@@ -94,6 +94,23 @@ def dataclass_from(cls: type, section: str, raw: Mapping[str, Any] | None) -> An
         raise ConfigError(f"section {section!r}: {exc}") from exc
 
 
+def check_trainer_section(name: str, values: Mapping[str, Any], config_cls: type) -> None:
+    """Checks shared by the `grpo:` and `sft:` sections: only fields of the TRL config class,
+    DeepSpeed named at the top level (so its path resolves against the YAML file), output_dir set."""
+    check_keys(name, values, init_fields(config_cls))
+    if "deepspeed" in values:
+        raise ConfigError(f"{name}.deepspeed is set; name the DeepSpeed JSON with the top-level "
+                          "`deepspeed:` key instead (it is resolved against the YAML file's folder)")
+    if not values.get("output_dir"):
+        raise ConfigError(f"{name}.output_dir is not set: give it in the YAML file or with --output-dir")
+
+
+def check_deepspeed_file(deepspeed: str | None, base_dir: Path | None) -> None:
+    if deepspeed is not None and not resolve_path(deepspeed, base_dir).is_file():
+        raise ConfigError(f"deepspeed: {resolve_path(deepspeed, base_dir)} is not a file (relative paths count "
+                          f"from {base_dir or Path.cwd()})")
+
+
 @dataclass
 class ModelSpec:
     """Which policy to train.

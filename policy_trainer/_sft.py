@@ -28,10 +28,11 @@ from ._setup import (
     ModelSpec,
     TrainResult,
     build_model_and_tokenizer,
+    check_deepspeed_file,
     check_keys,
+    check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
-    init_fields,
     load_yaml,
     resolve_path,
 )
@@ -63,12 +64,7 @@ class SFTRunConfig:
     def __post_init__(self) -> None:
         from trl import SFTConfig
 
-        check_keys("sft", self.sft, init_fields(SFTConfig))
-        if "deepspeed" in self.sft:
-            raise ConfigError("sft.deepspeed is set; name the DeepSpeed JSON with the top-level "
-                              "`deepspeed:` key")
-        if not self.sft.get("output_dir"):
-            raise ConfigError("sft.output_dir is not set: give it in the YAML file or with --output-dir")
+        check_trainer_section("sft", self.sft, SFTConfig)
         if self.sft.get("completion_only_loss") is False:
             raise ConfigError("sft.completion_only_loss=false would train on the whole conversation, "
                               "other characters' lines included; the cold start trains the final turn only: "
@@ -77,8 +73,7 @@ class SFTRunConfig:
             raise ConfigError("sft.assistant_only_loss=true does not apply: the samples are "
                               "prompt-completion pairs whose completion is the one trained turn; "
                               "drop the key")
-        if self.deepspeed is not None and not resolve_path(self.deepspeed, self.base_dir).is_file():
-            raise ConfigError(f"deepspeed: {resolve_path(self.deepspeed, self.base_dir)} is not a file")
+        check_deepspeed_file(self.deepspeed, self.base_dir)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> SFTRunConfig:
