@@ -10,6 +10,7 @@ from ._api import judge, judge_file
 from ._judge import FAST_CHOICES, GenRM, GenRMConfig, pattern_of
 from ._rewards import (
     FORMAT_BREAKING_CODES,
+    OUTCOME_SCORE,
     RewardKind,
     format_violations,
     rollout_reward,
@@ -58,6 +59,7 @@ from ._types import (
 
 __all__ = [
     "MAX_INSTANCE_CHARS",
+    "OUTCOME_SCORE",
     "DIMENSION_TITLES",
     "FAST_CHOICES",
     "FLAW_TYPES",

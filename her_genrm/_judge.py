@@ -18,6 +18,7 @@ from typing import Literal
 from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
 
+from ._rewards import OUTCOME_SCORE
 from ._templates import (
     SLOTS,
     CompactTemplate,
@@ -174,7 +175,7 @@ class GenRM:
             **base,
             status="ok",
             winner=winner,
-            p_a={"a": 1.0, "b": 0.0, "tie": 0.5}[winner],
+            p_a=OUTCOME_SCORE[winner],
             principles=list(dict.fromkeys(c.principle for c in comparisons)),
             comparisons=comparisons,
             pattern=pattern_of([c.winner for c in comparisons]),

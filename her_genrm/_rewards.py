@@ -17,7 +17,8 @@ RewardKind = Literal["discrete", "prob"]
 FORMAT_BREAKING_CODES = frozenset(
     {"malformed_tag", "nested_tag", "unknown_tag", "duplicate_system_thinking", "misplaced_system_thinking"}
 )
-_OUTCOME = {"a": 1.0, "tie": 0.5, "b": 0.0}
+# Score of candidate `a` for each verdict: win 1, tie 0.5, loss 0.
+OUTCOME_SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}
 
 
 def verdict_reward(verdict: Verdict, kind: RewardKind = "discrete") -> float | None:
@@ -26,7 +27,7 @@ def verdict_reward(verdict: Verdict, kind: RewardKind = "discrete") -> float | N
         return None
     if kind == "prob":
         return verdict.p_a
-    return _OUTCOME[verdict.verdict]
+    return OUTCOME_SCORE[verdict.verdict]
 
 
 def format_violations(text: str) -> list[str]:

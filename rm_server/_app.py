@@ -24,7 +24,7 @@ from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
 from ._batcher import QueueFull
-from ._cache import LRUVerdictCache, RedisVerdictCache, VerdictCache
+from ._cache import RedisVerdictCache, build_cache
 from ._errors import BodyTooLarge, mapped_exception_classes, status_of
 from ._protocol import ErrorBody, ErrorEnvelope, InfoResponse
 from ._routes import api, health, metrics_router
@@ -129,11 +129,8 @@ def build_app(
     library = library or (PrincipleLibrary.load(settings.principles_path) if settings.principles_path
                           else default_library())
     telemetry = JudgeTelemetry(window=settings.telemetry_window)
-    cache: VerdictCache
-    if settings.redis_url:
-        cache = RedisVerdictCache(settings.redis_url, ttl_s=settings.cache_ttl_s, on_error=telemetry.record_cache_error)
-    else:
-        cache = LRUVerdictCache(max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s)
+    cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
+                        on_error=telemetry.record_cache_error)
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry)
     owns_engine = engine is None
 

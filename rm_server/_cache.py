@@ -398,12 +398,21 @@ class RedisVerdictCache:
             log.warning("verdict cache: closing redis client failed (%s: %s)", type(exc).__name__, exc)
 
 
-def build_cache(redis_url: str | None, **kw: Any) -> VerdictCache:
-    """`RedisVerdictCache(redis_url, **kw)` when a URL is given, else `LRUVerdictCache(**kw)`.
+def build_cache(
+    redis_url: str | None,
+    *,
+    ttl_s: int = 86400,
+    max_entries: int = 100_000,
+    on_error: Callable[[str], None] | None = None,
+    **redis_options: Any,
+) -> VerdictCache:
+    """Redis when a URL is given (an empty string counts as none), else the in-process LRU.
 
-    An empty string counts as "no URL" (an unset env var often arrives as ""). Unknown keyword
-    arguments raise TypeError from the chosen class.
+    `max_entries` applies to the LRU only; `on_error` and `redis_options` (e.g. `circuit_open_s`)
+    to Redis only (the LRU cannot fail).
     """
     if redis_url:
-        return RedisVerdictCache(redis_url, **kw)
-    return LRUVerdictCache(**kw)
+        return RedisVerdictCache(redis_url, ttl_s=ttl_s, on_error=on_error, **redis_options)
+    if redis_options:
+        raise TypeError(f"options {sorted(redis_options)} apply to Redis only, but no redis_url was given")
+    return LRUVerdictCache(max_entries=max_entries, ttl_s=ttl_s)
