@@ -13,10 +13,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from her_engines import DEFAULT_MODEL, Engine, create_engine
+from her_cli._engine_args import add_engine_arguments, engine_from_args, engine_settings_from_args
 from her_roleplay import SceneLoadError, load_scenes
-
-_ENGINES = ["transformers", "openai", "vllm"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,20 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     coser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = coser.add_argument_group("model under test")
-    g.add_argument(
-        "--engine", choices=_ENGINES, default="transformers", help="engine backend (default transformers)"
-    )
-    g.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model id, HF folder or .gguf (default {DEFAULT_MODEL})"
-    )
-    g.add_argument("--base-url", default=None, help="server URL for --engine openai")
-    g.add_argument("--api-key", default=None, help="API key for --engine openai")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of transformers engines (default: all cores; 1 is faster on a busy machine)",
-    )
+    add_engine_arguments(g)
     g.add_argument("--max-rounds", type=int, default=20, help="lines per re-enactment at most (default 20)")
     g.add_argument(
         "--min-end-round", type=int, default=5, help="the scene may end from this round (default 5)"
@@ -72,12 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("HER_JUDGE_KEY"),
         help="Bearer key for --judge-url (default: $HER_JUDGE_KEY)",
     )
-    j.add_argument(
-        "--judge-engine", choices=_ENGINES, default=None, help="local judge backend (default: --engine)"
-    )
-    j.add_argument("--judge-model", default=None, help="local judge model (default: the model under test)")
-    j.add_argument("--judge-base-url", default=None, help="server URL for --judge-engine openai")
-    j.add_argument("--judge-api-key", default=None, help="API key for --judge-engine openai")
+    add_engine_arguments(j, prefix="judge-", inherit="")
     j.add_argument("--judge-max-tokens", type=int, default=1024, help="token limit of one flaw list")
     j.add_argument("--max-flaws", type=int, default=10, help="flaws listed per dimension at most")
     j.add_argument("--max-instance-chars", type=int, default=200, help="length limit of a flaw's instance")
@@ -87,19 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return int(args._run_eval(args))
-
-
-def _engine(
-    kind: str, model: str, base_url: str | None, api_key: str | None, flag: str, threads: int | None = None
-) -> Engine:
-    options: dict[str, object] = {}
-    if kind == "transformers" and threads is not None:
-        options = {"threads": threads}
-    if kind == "openai":
-        if not base_url:
-            raise SystemExit(f"--{flag}engine openai needs --{flag}base-url")
-        options = {"base_url": base_url, "api_key": api_key}
-    return create_engine(kind, model, **options)  # type: ignore[arg-type]
 
 
 def _run_coser(args: argparse.Namespace) -> int:
@@ -135,7 +102,7 @@ async def _coser(args: argparse.Namespace) -> int:
         scenes = load_scenes(args.test_file)
     except SceneLoadError as exc:
         raise SystemExit(f"her eval coser: {exc}") from None
-    actor = _engine(args.engine, args.model, args.base_url, args.api_key, "", args.threads)
+    actor = engine_from_args(args)
     owned: list = [actor]
     try:
         if args.judge_url:
@@ -151,21 +118,13 @@ async def _coser(args: argparse.Namespace) -> int:
             owned.append(judge)
             judge_name = "rm_server"
         else:
-            kind, model = args.judge_engine or args.engine, args.judge_model or args.model
-            same = (kind, model, args.judge_base_url or args.base_url) == (
-                args.engine,
-                args.model,
-                args.base_url,
-            )
-            judge_engine = (
-                actor
-                if same
-                else _engine(kind, model, args.judge_base_url, args.judge_api_key, "judge-", args.threads)
-            )
+            judge_settings = engine_settings_from_args(args, prefix="judge-", inherit="")
+            same = judge_settings == engine_settings_from_args(args)
+            judge_engine = actor if same else engine_from_args(args, prefix="judge-", inherit="")
             if judge_engine is not actor:
                 owned.append(judge_engine)
             judge = TranscriptScorer(judge_engine, judge_cfg)
-            judge_name = f"{kind}:{judge_engine.model_id}"
+            judge_name = f"{getattr(judge_engine, 'kind', 'engine')}:{judge_engine.model_id}"
         config = EvalConfig(
             out_dir=Path(args.out),
             runs=args.runs,
@@ -174,7 +133,7 @@ async def _coser(args: argparse.Namespace) -> int:
             simulation=sim,
             progress=not args.no_progress,
             identity={
-                "actor": f"{args.engine}:{actor.model_id}",
+                "actor": f"{getattr(actor, 'kind', 'engine')}:{actor.model_id}",
                 "judge": judge_name,
                 "judge_settings": {
                     "max_tokens": judge_cfg.max_tokens,

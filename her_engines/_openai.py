@@ -84,6 +84,9 @@ class OpenAIEngine:
         extra_body: fields merged into every request body (e.g. ``{"top_k": 1}``).
     """
 
+    kind = "openai"
+    continuous_batching = True  # the server batches whatever is in flight
+
     def __init__(
         self,
         model: str,

@@ -193,6 +193,9 @@ class TransformersEngine:
     invalid options. `model_path` is the HF folder actually loaded; `render(req)` shows the prompt text.
     """
 
+    kind = "transformers"
+    continuous_batching = False  # batches only what one generate() call brings
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,

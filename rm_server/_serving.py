@@ -53,19 +53,27 @@ class JudgeService:
     cache: VerdictCache
     telemetry: JudgeTelemetry
     genrm: GenRM | None = None
+    continuous_batching: bool = False
+    """The engine batches by itself (vLLM's scheduler): each pair goes to it on arrival."""
     batcher: MicroBatcher[JudgeRequest, Verdict] = field(init=False)
     _judged: int = 0
     _probe_tasks: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         s = self.settings
+        if self.continuous_batching:
+            # No waiting and no grouping: up to max_inflight pairs run inside the engine at once, where
+            # its scheduler adds each new one to the running batch; only the overflow queues (-> 429).
+            shape = {"max_batch_size": 1, "max_wait_ms": 0.0, "max_concurrent_batches": s.max_inflight}
+        else:
+            # One batch at a time, filled while the engine works on the previous one.
+            shape = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms}
         self.batcher = MicroBatcher(
             self._run_batch,
-            max_batch_size=s.max_batch_size,
-            max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
             request_timeout_s=s.request_timeout_s,
             on_batch=self.telemetry.observe_batch,
+            **shape,
         )
         self.telemetry.set_queue_capacity(s.max_queue)
 

@@ -10,11 +10,14 @@ import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from her_engines import DEFAULT_MODEL
+from her_engines import EngineSettings
 
 
-class ServerSettings(BaseSettings):
-    """Everything an operator can set. Env vars win over the YAML file (`RM_CONFIG` or `--config`)."""
+class ServerSettings(BaseSettings, EngineSettings):
+    """Everything an operator can set. Env vars win over the YAML file (`RM_CONFIG` or `--config`).
+
+    The engine fields (`engine`, `model`, `dtype`, `kv_cache_gib`, ...) come from `EngineSettings`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="RM_", extra="forbid", use_attribute_docstrings=True)
 
@@ -22,14 +25,6 @@ class ServerSettings(BaseSettings):
     """Interface to bind."""
     port: int = 8000
     """TCP port to listen on."""
-    engine: Literal["transformers", "openai", "vllm"] = "transformers"
-    """Engine backend that runs the judge model."""
-    model: str = DEFAULT_MODEL
-    """Model id, HF folder or GGUF path (openai: the served model name)."""
-    engine_base_url: str | None = None
-    """Base URL of the OpenAI-compatible server when engine=openai."""
-    engine_api_key: SecretStr | None = None
-    """API key for the OpenAI-compatible server."""
     principles_path: str | None = None
     """Principle library YAML; default: the bundled library."""
     openrlhf_mode: Literal["cot", "fast"] = "cot"
@@ -49,9 +44,11 @@ class ServerSettings(BaseSettings):
     cache_max_entries: int = 100_000
     """Size of the in-process cache when no Redis is configured."""
     max_batch_size: int = 16
-    """Pairs per engine call (both orders of a pair go together)."""
+    """Pairs per engine call of an engine that needs batches (transformers); both orders go together."""
     max_wait_ms: float = 15.0
-    """How long the batcher waits to fill a batch after its first pair."""
+    """How long the micro-batcher waits to fill a batch after its first pair (transformers only)."""
+    max_inflight: int = 64
+    """Pairs inside an engine that batches continuously (vllm, openai) at once; more wait in the queue."""
     max_queue: int = 512
     """Pairs waiting for the engine before new requests get 429."""
     request_timeout_s: float = 300.0

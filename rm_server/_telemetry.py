@@ -14,6 +14,11 @@ Every rolling statistic is a ratio of integer running sums. Each judgment is red
 recorded, to a fixed-size tuple of integer contributions; appending adds it to the sums and evicting
 the oldest subtracts it, so a record costs O(1) whatever the window size and the sums never drift.
 
+The engine's own statistics ride along: when vLLM runs in this process it keeps its Prometheus
+metrics (``vllm:prefix_cache_hits``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``, ...)
+in the process-wide default registry; `EngineMetrics` forwards those ``vllm:`` families into our
+registry, so one ``/metrics`` scrape shows the judge's health beside the engine's.
+
 Cached verdicts are counted in ``rm_judgments_total`` but are kept out of the rolling window: a hot
 cache replays the same pairs over and over, and letting them in would weight those few pairs as if
 the judge had been asked afresh each time, hiding (or faking) a drift in its behaviour.
@@ -24,16 +29,20 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from her_genrm import Pattern, Verdict
 
@@ -94,6 +103,20 @@ def _contributions(verdict: Verdict, len_a: int, len_b: int) -> tuple[int, ...]:
     return tuple(c)
 
 
+class EngineMetrics(Collector):
+    """The in-process vLLM engine's metrics (``vllm:*`` families of the default registry)."""
+
+    PREFIX = "vllm:"
+
+    def __init__(self, source: CollectorRegistry = REGISTRY) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            if family.name.startswith(self.PREFIX):
+                yield family
+
+
 class JudgeTelemetry:
     """All rm_server metrics on one registry.
 
@@ -109,6 +132,7 @@ class JudgeTelemetry:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(EngineMetrics())
         self.window = window
         self._lock = threading.Lock()
         self._judgments: deque[tuple[int, ...]] = deque()

@@ -1,7 +1,12 @@
-"""Session-wide fixtures: the real bundled model loaded once, the fixture scene, real Redis."""
+"""Session-wide fixtures: the real bundled model on vLLM loaded once, the fixture scene, real Redis.
+
+At the end of the session no vLLM process (``VLLM::EngineCore``, ``VLLM::Worker``, an OpenAI server)
+that the suite started may remain; `pytest_sessionfinish` fails the run if one does.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -32,13 +37,27 @@ def scene():
     return load_scenes(SCENE_FILE)[0]
 
 
+# The test machine runs several vLLM engines at once (this one, a `her serve` and an OpenAI server):
+# a small KV cache each keeps the suite's memory well inside the box.
+TEST_KV_CACHE_GIB = 1.0
+
+
 @pytest.fixture(scope="session")
 def engine():
-    """The real SmolLM2-135M-Instruct on the transformers engine, loaded once per session."""
+    """The real SmolLM2-135M-Instruct on vLLM (the default engine), loaded once per session."""
     from her_engines import create_engine
 
-    eng = create_engine("transformers")
+    eng = create_engine("vllm", kv_cache_gib=TEST_KV_CACHE_GIB)
     yield eng
+    asyncio.run(eng.aclose())
+
+
+@pytest.fixture(scope="session")
+def transformers_engine():
+    """The same model on the transformers fallback engine."""
+    from her_engines import create_engine
+
+    return create_engine("transformers")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +85,44 @@ def redis_url() -> str:
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:10]
+
+
+# --------------------------------------------------------------------------- no orphaned vLLM process
+
+_VLLM_MARKERS = ("VLLM::", "vllm.entrypoints")
+
+
+def vllm_processes() -> dict[int, str]:
+    """pid -> command line of every vLLM engine, worker or server process on this machine."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if any(m in cmdline or m in comm for m in _VLLM_MARKERS):
+            found[int(proc.name)] = cmdline or comm
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._vllm_before = set(vllm_processes())  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import time
+
+    before = getattr(session.config, "_vllm_before", set())
+    deadline = time.monotonic() + 20  # engine processes exit a moment after their shutdown returns
+    while True:
+        left = {pid: cmd for pid, cmd in vllm_processes().items() if pid not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if left:
+        lines = "\n".join(f"  {pid}: {cmd[:160]}" for pid, cmd in sorted(left.items()))
+        session.config.get_terminal_writer().line(f"vLLM processes outlived the test session:\n{lines}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -14,7 +14,12 @@ from her_engines._transformers import TransformersEngine
 
 pytestmark = pytest.mark.model
 
-# `engine` is the session fixture in conftest.py: create_engine("transformers") on the default model.
+
+
+@pytest.fixture(scope="module")
+def engine(transformers_engine):
+    """This module's tests name the engine under test `engine`: here, the transformers fallback."""
+    return transformers_engine
 
 ASK = [{"role": "user", "content": "Describe a cat in one sentence."}]
 MOOD_SCHEMA = {

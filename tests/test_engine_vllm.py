@@ -1,20 +1,53 @@
-"""The `vllm` engine: lazy import and install hint everywhere; the real engine only where vLLM runs."""
+"""The `vllm` engine for real: vLLM's CPU build here (the CUDA build on GPU machines), bundled model.
+
+Every test shares the session engine (`conftest.engine`, loaded once). Nothing here skips: vLLM is
+part of the install on every machine it runs on.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
 import json
 import math
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY
 
-from her_engines import ChatMessage, EngineUnavailable, GenRequest, GenResult, create_engine
-from her_engines._vllm import _entries, _render
+from her_engines import (
+    ChatMessage,
+    EngineSettings,
+    EngineUnavailable,
+    GenRequest,
+    GenResult,
+    create_engine,
+    resolve_engine_kind,
+)
+from her_engines._openai import attach_choice_logprobs
+from her_engines._vllm import CPU_DEFAULTS, VLLMEngine, _entries, _render, vllm_platform_defaults
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+pytestmark = pytest.mark.model
+
+ASK = [ChatMessage(role="user", content="Is the sky blue? Answer Yes or No.")]
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "winner": {"type": "string", "enum": ["A", "B", "tie"]},
+        "reason": {"type": "string", "maxLength": 40},
+    },
+    "required": ["winner", "reason"],
+    "additionalProperties": False,
+}
+
+
+def _metric(name: str) -> float:
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples if s.name == name)
+
+
+# ----- units: no engine ----------------------------------------------------------------------------
 
 
 def test_importing_the_module_does_not_import_vllm() -> None:
@@ -23,10 +56,22 @@ def test_importing_the_module_does_not_import_vllm() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here, so the missing-package path cannot run")
-def test_create_engine_without_vllm_gives_the_install_hint() -> None:
-    with pytest.raises(EngineUnavailable, match=r"pip install her-genrm\[vllm\]"):
-        create_engine("vllm", model="smollm2-135m-instruct")
+def test_auto_picks_vllm_where_it_is_installed_and_settings_map_to_engine_options() -> None:
+    assert resolve_engine_kind("auto") == "vllm"
+    settings = EngineSettings(kv_cache_gib=1.5, dtype="bfloat16")
+    assert settings.resolved_engine() == "vllm"
+    options = settings.engine_options("vllm")
+    assert options["kv_cache_gib"] == 1.5 and options["dtype"] == "bfloat16"
+    assert "enforce_eager" not in options  # unset → the platform default decides
+    assert EngineSettings(threads=1).engine_options("transformers") == {"threads": 1}
+    with pytest.raises(ValueError, match="engine_base_url"):
+        EngineSettings(engine="openai").engine_options("openai")
+
+
+def test_platform_defaults_differ_for_cpu_and_gpu() -> None:
+    cpu = vllm_platform_defaults("cpu")
+    assert cpu == CPU_DEFAULTS and cpu["dtype"] == "float32" and cpu["enforce_eager"] is True
+    assert vllm_platform_defaults("cuda") == {}  # vLLM's own defaults on GPUs
 
 
 def test_chat_rendering_leaves_the_prefilled_turn_open() -> None:
@@ -35,9 +80,8 @@ def test_chat_rendering_leaves_the_prefilled_turn_open() -> None:
     from her_engines._models import ensure_hf_folder
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_hf_folder("smollm2-135m-instruct"))
-    messages = [ChatMessage(role="user", content="Rate it.")]
-    fresh = _render(tokenizer, GenRequest(messages=messages))
-    prefilled = _render(tokenizer, GenRequest(messages=messages, prefill='{"score": '))
+    fresh = _render(tokenizer, GenRequest(messages=ASK))
+    prefilled = _render(tokenizer, GenRequest(messages=ASK, prefill='{"score": '))
     fresh_text = tokenizer.decode(fresh["prompt_token_ids"])
     prefilled_text = tokenizer.decode(prefilled["prompt_token_ids"])
     assert fresh_text.rstrip().endswith("assistant")
@@ -50,40 +94,90 @@ def test_vllm_logprobs_become_choice_scores() -> None:
     def lp(text: str, value: float) -> SimpleNamespace:
         return SimpleNamespace(decoded_token=text, logprob=value)
 
-    # Position 0 sampled token 7 ("B"); token 3 ("A") was the runner-up.
     positions = [{7: lp("B", -0.3), 3: lp("A", -1.5), 9: lp("The", -4.0)}]
     entries = _entries([7], positions)
     assert entries == [("B", -0.3, [("B", -0.3), ("A", -1.5), ("The", -4.0)])]
-    from her_engines._openai import attach_choice_logprobs
-
     result = attach_choice_logprobs(GenResult(text="B"), ["A", "B"], entries, quoted=False, constraint="test")
     assert result.choice_logprobs is not None
     assert math.isclose(sum(math.exp(v) for v in result.choice_logprobs.values()), 1.0)
     assert result.choice_logprobs["B"] > result.choice_logprobs["A"]
 
 
-@pytest.mark.model
-@pytest.mark.slow
-async def test_real_vllm_engine_generates_constrained_output() -> None:
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install her-genrm[vllm])")
-    import torch
+# ----- the real engine -----------------------------------------------------------------------------
 
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM is installed but this machine has no GPU")
-    engine = create_engine("vllm", model="smollm2-135m-instruct", gpu_memory_utilization=0.3)
-    try:
-        user = [ChatMessage(role="user", content="Is the sky blue? Answer Yes or No.")]
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-        plain, shaped, picked = await engine.generate(
-            [
-                GenRequest(messages=user, max_tokens=16),
-                GenRequest(messages=user, max_tokens=32, json_schema=schema),
-                GenRequest(messages=user, max_tokens=4, choices=["Yes", "No"]),
-            ]
-        )
-    finally:
-        await engine.aclose()
+
+def test_the_session_engine_is_vllm_with_the_cpu_defaults(engine) -> None:
+    assert isinstance(engine, VLLMEngine) and engine.alive and engine.continuous_batching
+    args = engine.engine_args
+    assert args["enable_prefix_caching"] is True and args["enforce_eager"] is True
+    assert args["dtype"] == "float32" and args["kv_cache_memory_bytes"] == 1 << 30
+
+
+async def test_every_request_feature_in_one_call(engine) -> None:
+    plain, shaped, picked, prefilled, stopped, short = await engine.generate(
+        [
+            GenRequest(messages=ASK, max_tokens=16),
+            GenRequest(messages=ASK, max_tokens=48, json_schema=VERDICT_SCHEMA),
+            GenRequest(messages=ASK, max_tokens=4, choices=["Yes", "No"]),
+            GenRequest(messages=ASK, prefill="The answer is", max_tokens=8),
+            GenRequest(prompt="1, 2, 3, 4, 5,", max_tokens=32, stop=[" 8"]),
+            GenRequest(prompt="Once upon a time", max_tokens=3),
+        ]
+    )
     assert plain.text and plain.prompt_tokens > 0 and plain.completion_tokens > 0
-    assert isinstance(json.loads(shaped.text)["ok"], bool)
+    assert json.loads(shaped.text)["winner"] in ("A", "B", "tie")
+    assert "\n" not in shaped.text  # compact JSON: no free whitespace
     assert picked.text in ("Yes", "No") and picked.choice_logprobs is not None
+    assert all(math.isfinite(v) for v in picked.choice_logprobs.values())
     assert math.isclose(sum(math.exp(v) for v in picked.choice_logprobs.values()), 1.0, rel_tol=1e-6)
+    assert prefilled.prompt_tokens > plain.prompt_tokens  # the prefill is part of the prompt
+    assert not prefilled.text.startswith("The answer is")  # and not part of the result
+    assert " 8" not in stopped.text and "6" in stopped.text
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+
+
+async def test_seed_and_temperature(engine) -> None:
+    def sampled(seed: int) -> GenRequest:
+        return GenRequest(prompt="The colour of the sea is", max_tokens=12, temperature=1.5, top_p=0.95, seed=seed)
+
+    first, again, other_a, other_b = await engine.generate([sampled(1), sampled(1), sampled(2), sampled(3)])
+    assert first.text == again.text  # same seed, same sample
+    assert len({first.text, other_a.text, other_b.text}) > 1  # different seeds differ at T=1.5
+
+
+async def test_shared_prefixes_hit_vllms_prefix_cache(engine) -> None:
+    shared = "You are a careful judge of role-play replies. " * 40  # > several 16-token blocks
+    hits_before = _metric("vllm:prefix_cache_hits_total")
+    (first,) = await engine.generate([GenRequest(prompt=shared + "Reply A.", max_tokens=2)])
+    (second,) = await engine.generate([GenRequest(prompt=shared + "Reply B.", max_tokens=2)])
+    assert first.error is None and second.error is None
+    assert _metric("vllm:prefix_cache_hits_total") - hits_before > 100  # the second call reused the blocks
+
+
+async def test_calls_from_other_event_loops_and_threads(engine) -> None:
+    # The server runs in its own loop, the CLI in asyncio.run: the engine serves them all.
+    results: list[GenResult] = []
+
+    def in_thread() -> None:
+        results.extend(asyncio.run(engine.generate([GenRequest(prompt="Hello", max_tokens=2)])))
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    mine = await engine.generate([GenRequest(prompt="Hi", max_tokens=2)])
+    await asyncio.to_thread(thread.join, 60)
+    assert len(results) == 1 and results[0].completion_tokens == 2 and mine[0].completion_tokens == 2
+
+
+async def test_a_cancelled_caller_does_not_break_the_engine(engine) -> None:
+    task = asyncio.create_task(engine.generate([GenRequest(prompt="Count: 1, 2,", max_tokens=200)]))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (after,) = await engine.generate([GenRequest(prompt="Hi", max_tokens=2)])
+    assert after.completion_tokens == 2 and _metric("vllm:num_requests_running") == 0
+
+
+def test_a_missing_model_folder_is_unavailable(tmp_path) -> None:
+    with pytest.raises(EngineUnavailable, match="unknown model"):
+        create_engine("vllm", model=str(tmp_path / "nothing-here"))
