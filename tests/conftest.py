@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -50,6 +51,27 @@ def engine():
     eng = create_engine("vllm", kv_cache_gib=TEST_KV_CACHE_GIB)
     yield eng
     asyncio.run(eng.aclose())
+
+
+@pytest.fixture(scope="session")
+def her_server():
+    """One real `her serve` subprocess for the suite: the default engine (vLLM) on the bundled model,
+    in-process verdict cache, no auth, short batching wait. Tests may stop and start it again.
+
+    At the end it gets SIGTERM alone, as an orchestrator sends it; any process of its group left
+    behind (a vLLM engine core or worker) fails the teardown."""
+    from _openai_server import ServerProcess, free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    env.update(RM_KV_CACHE_GIB=str(TEST_KV_CACHE_GIB), RM_MAX_WAIT_MS="5")
+    her = str(Path(sys.executable).with_name("her"))
+    server = ServerProcess([her, "serve", "--port", str(port)], port, ready_path="/readyz",
+                           startup_timeout=300, env=env)
+    server.start()
+    yield server
+    left = server.terminate_gracefully()
+    assert not left, f"`her serve` left processes behind after SIGTERM: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,8 @@
-"""The `openai` engine against a real llama-cpp-python server, plus injected faults.
+"""The `openai` engine against a real vLLM OpenAI server process, plus injected faults.
 
-The server (``python -m llama_cpp.server``) serves the bundled SmolLM2 GGUF on a free loopback
-port for this module and is stopped at the end. Tests that need it skip, with the install
-command, when llama-cpp-python is missing; the fault tests (dead port, slow or failing server)
-and the encoding checks always run.
+The server (``python -m vllm.entrypoints.openai.api_server``, what users deploy) serves the bundled
+SmolLM2 (its converted HF folder) on a free loopback port for this module and is stopped at the end;
+the fault tests (dead port, slow or failing server) and the encoding checks need no server.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from _openai_server import ServerProcess, free_port, llama_cpp_server, llama_cpp_server_missing
+from _openai_server import ServerProcess, free_port, vllm_openai_server
 
 from her_engines import (
     ChatMessage,
@@ -27,7 +26,7 @@ from her_engines import (
     GenResult,
     create_engine,
 )
-from her_engines._models import resolve_model
+from her_engines._models import ensure_hf_folder
 from her_engines._openai import OpenAIEngine, attach_choice_logprobs
 
 VERDICT_SCHEMA = {
@@ -54,40 +53,37 @@ def _probability_mass(result: GenResult) -> float:
 
 
 @pytest.fixture(scope="module")
-def llama_server() -> ServerProcess:
-    reason = llama_cpp_server_missing()
-    if reason:
-        pytest.skip(f"llama-cpp-python server not installed: {reason}")
-    with llama_cpp_server(resolve_model("smollm2-135m-instruct").source) as server:
+def vllm_server() -> ServerProcess:
+    with vllm_openai_server(ensure_hf_folder("smollm2-135m-instruct")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-async def llama_engine(llama_server: ServerProcess) -> AsyncIterator[OpenAIEngine]:
-    eng = create_engine("openai", model="smollm2-135m-instruct", base_url=llama_server.base_url + "/v1")
+async def served(vllm_server: ServerProcess) -> AsyncIterator[OpenAIEngine]:
+    eng = create_engine("openai", model="smollm2-135m-instruct", base_url=vllm_server.base_url + "/v1")
     yield eng
     await eng.aclose()
 
 
-async def test_plain_chat_returns_text_and_token_counts(llama_engine: OpenAIEngine) -> None:
-    [result] = await llama_engine.generate([GenRequest(messages=_user("Name a colour."), max_tokens=12)])
-    assert isinstance(llama_engine, Engine)
-    assert llama_engine.constraint_style == "llama_cpp"  # detected from GET /v1/models
+async def test_plain_chat_returns_text_and_token_counts(served: OpenAIEngine) -> None:
+    [result] = await served.generate([GenRequest(messages=_user("Name a colour."), max_tokens=12)])
+    assert isinstance(served, Engine)
+    assert served.constraint_style == "vllm"  # detected from GET /v1/models
     assert result.error is None and result.text.strip()
     assert result.prompt_tokens > 5
     assert 0 < result.completion_tokens <= 12
     assert result.finish_reason in ("stop", "length")
 
 
-async def test_raw_prompt_uses_completions_and_honours_max_tokens(llama_engine: OpenAIEngine) -> None:
-    [result] = await llama_engine.generate([GenRequest(prompt="One, two, three, four,", max_tokens=5)])
+async def test_raw_prompt_uses_completions_and_honours_max_tokens(served: OpenAIEngine) -> None:
+    [result] = await served.generate([GenRequest(prompt="One, two, three, four,", max_tokens=5)])
     assert result.text and result.completion_tokens == 5
     assert result.finish_reason == "length"
 
 
-async def test_json_schema_output_parses_and_validates(llama_engine: OpenAIEngine) -> None:
+async def test_json_schema_output_parses_and_validates(served: OpenAIEngine) -> None:
     prompt = "Two replies, A: 'Hello, friend!' and B: 'Go away.'. Which is kinder? Answer in JSON."
-    [result] = await llama_engine.generate(
+    [result] = await served.generate(
         [GenRequest(messages=_user(prompt), max_tokens=48, json_schema=VERDICT_SCHEMA)]
     )
     assert result.error is None and result.finish_reason == "stop", result
@@ -97,9 +93,9 @@ async def test_json_schema_output_parses_and_validates(llama_engine: OpenAIEngin
     assert verdict["confidence"] in (1, 2, 3, 4, 5)
 
 
-async def test_choices_give_logprobs_that_sum_to_one(llama_engine: OpenAIEngine) -> None:
+async def test_choices_give_logprobs_that_sum_to_one(served: OpenAIEngine) -> None:
     prompt = "Which letter comes first in the alphabet, A or B? Answer with the letter only."
-    [result] = await llama_engine.generate(
+    [result] = await served.generate(
         [GenRequest(messages=_user(prompt), max_tokens=4, choices=["A", "B"])]
     )
     assert result.error is None and result.text in ("A", "B")
@@ -109,40 +105,41 @@ async def test_choices_give_logprobs_that_sum_to_one(llama_engine: OpenAIEngine)
     assert result.text == max(result.choice_logprobs, key=result.choice_logprobs.__getitem__)
 
 
-async def test_choices_on_a_raw_prompt(llama_engine: OpenAIEngine) -> None:
+async def test_choices_on_a_raw_prompt(served: OpenAIEngine) -> None:
     req = GenRequest(prompt="Q: Is fire hot? Answer yes or no.\nA:", max_tokens=4, choices=[" yes", " no"])
-    [result] = await llama_engine.generate([req])
+    [result] = await served.generate([req])
     assert result.error is None and result.text.strip() in ("yes", "no")
     assert math.isclose(_probability_mass(result), 1.0, rel_tol=1e-9)
 
 
-async def test_eight_concurrent_requests_keep_their_order(llama_engine: OpenAIEngine) -> None:
+async def test_eight_concurrent_requests_keep_their_order(served: OpenAIEngine) -> None:
     # Each request may only answer with words that carry its own index, so a reordering shows.
     requests = [
         GenRequest(messages=_user(f"Pick one word, {i}."), max_tokens=8, choices=[f"alpha{i}", f"beta{i}"])
         for i in range(8)
     ]
-    results = await llama_engine.generate(requests)
+    results = await served.generate(requests)
     assert len(results) == 8
     for i, result in enumerate(results):
         assert result.error is None, result.error
         assert result.text in (f"alpha{i}", f"beta{i}")
 
 
-async def test_a_style_the_server_rejects_fails_that_request_with_its_message(
-    llama_server: ServerProcess,
-) -> None:
-    # llama-cpp-python knows only the response_format types "text" and "json_object"; it reports
-    # its validation error as a 500, so the request fails alone and the server's words are kept.
-    async with OpenAIEngine("m", base_url=llama_server.base_url, constraint_style="openai") as eng:
-        bad, good = await eng.generate(
-            [
-                GenRequest(messages=_user("hi"), max_tokens=8, json_schema=VERDICT_SCHEMA),
-                GenRequest(messages=_user("hi"), max_tokens=4),
-            ]
-        )
-    assert bad.finish_reason == "error" and "500" in (bad.error or "") and "json_object" in (bad.error or "")
-    assert good.error is None and good.completion_tokens > 0
+async def test_prefill_continues_the_assistant_turn(served: OpenAIEngine) -> None:
+    ask = _user("Is the sky blue? Answer Yes or No.")
+    plain, prefilled = await served.generate(
+        [GenRequest(messages=ask, max_tokens=8), GenRequest(messages=ask, prefill="The answer is", max_tokens=8)]
+    )
+    assert prefilled.error is None and prefilled.text
+    assert prefilled.prompt_tokens > plain.prompt_tokens  # the open assistant turn is in the prompt
+    assert not prefilled.text.startswith("The answer is")  # and the result continues it
+
+
+async def test_a_request_the_server_refuses_raises_bad_request_with_its_words(vllm_server: ServerProcess) -> None:
+    # 5,000 words cannot fit the server's 4,096-token context: vLLM answers 400 and says why.
+    async with OpenAIEngine("smollm2-135m-instruct", base_url=vllm_server.base_url) as eng:
+        with pytest.raises(EngineBadRequest, match="(?i)context|length|token"):
+            await eng.generate([GenRequest(messages=_user("word " * 5000), max_tokens=8)])
 
 
 # ----- injected faults -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import asyncio
 import importlib.util
 import math
 import pickle
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from _fault_servers import fault_server
-from _openai_server import ServerProcess
 from _pairs import fixture_pairs
 from _servers import free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -363,22 +361,10 @@ def test_verl_compute_score_contract(monkeypatch):
 # ---------------------------------------------------------------------- the real rm_server
 
 
-def _her_serve(proc: ServerProcess) -> ServerProcess:
-    with pytest.MonkeyPatch.context() as mp:  # the child inherits this environment
-        mp.delenv("RM_REDIS_URL", raising=False)
-        mp.delenv("RM_API_KEYS", raising=False)
-        mp.setenv("RM_MAX_WAIT_MS", "5")
-        return proc.start()
-
-
-@pytest.fixture(scope="module")
-def rm_server():
-    port = free_port()
-    her = str(Path(sys.executable).with_name("her"))
-    proc = ServerProcess([her, "serve", "--port", str(port)], port, ready_path="/readyz", startup_timeout=180)
-    _her_serve(proc)
-    yield proc
-    proc.stop()
+@pytest.fixture
+def rm_server(her_server):
+    """The suite's `her serve` (conftest): vLLM engine, no Redis, no auth."""
+    return her_server
 
 
 def _judgments(url: str) -> float:
@@ -427,7 +413,7 @@ async def test_real_server_restart_mid_call_drops_no_rollout(rm_server, scene):
     while client.stats.http_errors.get("connect", 0) == 0:  # it is retrying against the dead port
         assert time.monotonic() < deadline and not call.done()
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(_her_serve, rm_server)  # same port; the model loads again (503 meanwhile)
+    await asyncio.to_thread(rm_server.start)  # same port; the model loads again (503 meanwhile)
     rewards = await asyncio.wait_for(call, timeout=400)
     assert all(r is not None and 0.0 <= r <= 1.0 for r in rewards), rewards
     assert client.stats.failed == 0 and client.stats.retries >= 1

@@ -1,8 +1,9 @@
 """Training entry points end to end: a tiny random-weight policy trained on CPU with rewards from the
 real rm_server (bundled judge model) over HTTP, under DeepSpeed ZeRO-2 for the smoke config.
 
-One rm_server subprocess serves the module; the restart test kills it (SIGKILL) mid-step and starts it
-again on the same port. The judge runs in fast mode (one forward per order) with small groups.
+The suite's rm_server subprocess (conftest `her_server`) serves these tests; the restart test kills
+it (SIGKILL) mid-step and starts it again on the same port. The judge runs in fast mode (one forward
+per order) with small groups.
 """
 
 from __future__ import annotations
@@ -91,14 +92,10 @@ def launcher_free_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-@pytest.fixture(scope="module")
-def rm_server():
-    port = free_port()
-    # `env` execs the server (same pid, same process group): small batching wait, no Redis cache.
-    argv = ["env", "-u", "RM_REDIS_URL", "RM_MAX_WAIT_MS=5", str(HER), "serve", "--port", str(port)]
-    server = ServerProcess(argv, port, ready_path="/readyz", startup_timeout=240)
-    with server:
-        yield server
+@pytest.fixture
+def rm_server(her_server):
+    """The suite's `her serve` (conftest): vLLM engine, no Redis, no auth, short batching wait."""
+    return her_server
 
 
 # --- configuration and data (no training) -----------------------------------------------------------
