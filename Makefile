@@ -56,7 +56,7 @@ engine-info: install
 	$(PY) -c "from her_engines import resolve_engine_kind, vllm_missing; print('engine:', resolve_engine_kind('auto'), '|', vllm_missing() or 'vLLM installed')"
 
 bench: install redis
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_vllm.py
 
 lint: install
 	$(VENV)/bin/ruff check .

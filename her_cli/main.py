@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `her serve`: uvicorn installs its own
+    # Say which engine runs and why (a fallback from vLLM is a warning); other libraries stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("her_engines").setLevel(logging.INFO)
     return int(args._run(args) or 0)
 
 

@@ -133,7 +133,10 @@ def build_app(
                         on_error=telemetry.record_cache_error)
     owns_engine = engine is None
     kind: EngineKind = settings.resolved_engine() if engine is None else getattr(engine, "kind", settings.engine)
-    continuous = getattr(engine, "continuous_batching", False) if engine else kind in ("vllm", "openai")
+    if settings.batching == "auto":
+        continuous = getattr(engine, "continuous_batching", False) if engine else kind in ("vllm", "openai")
+    else:
+        continuous = settings.batching == "continuous"
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry, continuous_batching=continuous)
 
     def make_genrm(loaded: Engine) -> GenRM:
@@ -184,6 +187,7 @@ def build_app(
             templates=templates,
             principle_set_hash=library.version,
             principles=len(library.principles),
+            batching="continuous" if continuous else "micro",
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             cache="redis" if isinstance(cache, RedisVerdictCache) else "memory",

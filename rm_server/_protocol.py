@@ -131,6 +131,7 @@ class InfoResponse(BaseModel):
     templates: dict[str, str] = Field(description="template name -> template hash")
     principle_set_hash: str
     principles: int
+    batching: str = Field(description="continuous (pairs reach the engine on arrival) or micro (batched)")
     max_batch_size: int
     max_queue: int
     cache: str

@@ -43,6 +43,10 @@ class ServerSettings(BaseSettings, EngineSettings):
     """How long a cached verdict lives."""
     cache_max_entries: int = 100_000
     """Size of the in-process cache when no Redis is configured."""
+    batching: Literal["auto", "continuous", "micro"] = "auto"
+    """How pairs reach the engine: continuous (each on arrival, up to max_inflight at once), micro (batches of
+    max_batch_size after max_wait_ms, one at a time), auto (continuous for engines that batch by themselves:
+    vllm, openai; micro for transformers)."""
     max_batch_size: int = 16
     """Pairs per engine call of an engine that needs batches (transformers); both orders go together."""
     max_wait_ms: float = 15.0

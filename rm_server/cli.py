@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in ServerSettings.model_fields}
     settings = ServerSettings.load(args.config, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     auth = "on" if settings.api_keys else "off (set RM_API_KEYS to require Bearer keys)"
     cache = settings.redis_url or "in-process LRU (set RM_REDIS_URL for Redis)"
     url = f"http://{settings.host}:{settings.port}"

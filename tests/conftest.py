@@ -112,10 +112,14 @@ def unique() -> str:
 # --------------------------------------------------------------------------- no orphaned vLLM process
 
 _VLLM_MARKERS = ("VLLM::", "vllm.entrypoints")
+# Every process this session starts inherits this variable: vLLM processes of other jobs on the machine
+# are not ours to judge.
+_SESSION_MARK = f"HER_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["HER_TEST_SESSION"] = _SESSION_MARK.split("=", 1)[1]
 
 
 def vllm_processes() -> dict[int, str]:
-    """pid -> command line of every vLLM engine, worker or server process on this machine."""
+    """pid -> command line of every vLLM engine, worker or server process this test session started."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -125,22 +129,23 @@ def vllm_processes() -> dict[int, str]:
             comm = (proc / "comm").read_text().strip()
         except OSError:
             continue
-        if any(m in cmdline or m in comm for m in _VLLM_MARKERS):
+        if not any(m in cmdline or m in comm for m in _VLLM_MARKERS):
+            continue
+        try:
+            ours = _SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ours:
             found[int(proc.name)] = cmdline or comm
     return found
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config._vllm_before = set(vllm_processes())  # type: ignore[attr-defined]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import time
 
-    before = getattr(session.config, "_vllm_before", set())
     deadline = time.monotonic() + 20  # engine processes exit a moment after their shutdown returns
     while True:
-        left = {pid: cmd for pid, cmd in vllm_processes().items() if pid not in before}
+        left = vllm_processes()
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -12,7 +12,7 @@ from her_roleplay import build_chat_prompt, parse_reply
 pytestmark = pytest.mark.model
 
 
-async def test_reply_continues_the_open_system_thinking_turn(engine, scene):
+async def test_reply_continues_the_open_system_thinking_turn(engine, transformers_engine, scene):
     session = ChatSession(engine, scene, "Elizabeth Bennet", "Mr Bennet", max_tokens=24, temperature=0.0)
     full = await session.reply("Lizzy, I was going to look for you; come into my room.")
     assert full.startswith(SYSTEM_THINKING_OPEN)
@@ -20,7 +20,7 @@ async def test_reply_continues_the_open_system_thinking_turn(engine, scene):
     assert session.history[-1] == ("Elizabeth Bennet", full)
     # the prompt the model continued ends with the open tag, not with an end-of-turn token
     messages = build_chat_prompt(scene, "Elizabeth Bennet", session.history[:1])
-    rendered = engine.render(GenRequest(messages=messages, prefill=SYSTEM_THINKING_OPEN))
+    rendered = transformers_engine.render(GenRequest(messages=messages, prefill=SYSTEM_THINKING_OPEN))
     assert rendered.endswith(SYSTEM_THINKING_OPEN)
     # the next turn shows the character's own earlier reply without its hidden plan
     await session.reply("Well, Lizzy?")
@@ -30,8 +30,10 @@ async def test_reply_continues_the_open_system_thinking_turn(engine, scene):
 
 
 def test_chat_cli_one_shot(scene_file, capsys):
+    # The CLI's plumbing on the quick-loading fallback engine (the default, vLLM, is covered by `her judge`).
     code = main(["chat", "--scene", str(scene_file), "--character", "Mr Bennet", "--as", "Elizabeth Bennet",
-                 "--message", "What is it, Papa?", "--max-tokens", "16", "--temperature", "0", "--show-think"])
+                 "--message", "What is it, Papa?", "--max-tokens", "16", "--temperature", "0", "--show-think",
+                 "--engine", "transformers"])
     assert code == 0
     out = capsys.readouterr().out
     assert out.startswith("Mr Bennet: ")

@@ -181,3 +181,9 @@ async def test_a_cancelled_caller_does_not_break_the_engine(engine) -> None:
 def test_a_missing_model_folder_is_unavailable(tmp_path) -> None:
     with pytest.raises(EngineUnavailable, match="unknown model"):
         create_engine("vllm", model=str(tmp_path / "nothing-here"))
+
+
+def test_the_end_of_session_orphan_check_sees_the_engine_processes(engine) -> None:
+    from conftest import vllm_processes
+
+    assert any("VLLM::" in cmd for cmd in vllm_processes().values())  # the detector would see leftovers

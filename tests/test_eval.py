@@ -375,6 +375,8 @@ def test_cli_scores_through_a_real_rm_server(engine, scene_dict, tmp_path):
                 "32",
                 "--env-max-tokens",
                 "24",
+                "--engine",  # the CLI's plumbing on the quick-loading fallback engine
+                "transformers",
                 "--threads",
                 "1",
                 "--no-progress",

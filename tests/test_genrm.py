@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from _pairs import fixture_pairs
@@ -119,15 +122,18 @@ async def test_her_rm_template_with_the_real_model_is_ok_or_a_clear_error(engine
 
 @pytest.mark.model
 def test_judge_cli_writes_one_verdict_line_per_pair(tmp_path, pairs16):
-    from her_cli import main
-
+    """`her judge` as users run it: its own process, the default engine (vLLM), nothing left behind."""
     src, out = tmp_path / "pairs.jsonl", tmp_path / "verdicts.jsonl"
     rows = [
         {"context": [m.model_dump() for m in p["context"]], "a": p["a"], "b": p["b"], "id": i}
         for i, p in enumerate(pairs16[:3])
     ]
     src.write_text("\n".join(json.dumps(r) for r in rows))
-    assert main(["judge", "--in", str(src), "--out", str(out), "--mode", "fast"]) == 0
+    her = Path(sys.executable).with_name("her")
+    done = subprocess.run([str(her), "judge", "--in", str(src), "--out", str(out), "--mode", "fast"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting the vllm engine" in done.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == [0, 1, 2]  # extra keys carried through, order kept
     for line in lines:

@@ -73,6 +73,23 @@ def test_health_ready_info_principles(server):
     assert len(principles["principles"]) == info["principles"] >= 48
 
 
+def test_cot_and_fast_on_vllm_over_http_with_engine_statistics(server, pairs, unique):
+    info = httpx.get(server + "/v1/info").json()
+    assert info["engine"] == "vllm" and info["batching"] == "continuous"
+    seed = int(unique[:6], 16) + 7
+    cot = httpx.post(server + "/v1/judge", json=_body(pairs[2], mode="cot", seed=seed), timeout=600).json()
+    assert cot["status"] == "ok", cot
+    assert all(o["status"] == "ok" for o in cot["orders"])  # constrained JSON parsed in both orders
+    assert cot["comparisons"] and {c["winner"] for c in cot["comparisons"]} <= {"a", "b", "tie"}
+    fast = httpx.post(server + "/v1/judge", json=_body(pairs[3], mode="fast", seed=seed), timeout=600).json()
+    assert fast["status"] == "ok" and math.isfinite(fast["p_a"]) and 0.0 <= fast["p_a"] <= 1.0
+    m = _metrics(server)
+    engine_stats = {k.split("{")[0] for k in m if k.startswith("vllm:")}
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"} <= engine_stats
+    hits = sum(v for k, v in m.items() if k.startswith("vllm:prefix_cache_hits_total"))
+    assert hits > 0  # the two orders of a pair share the judge instructions and the context
+
+
 def test_judge_then_cached_hit_and_mirrored_order(server, pairs, unique):
     body = _body(pairs[0], seed=int(unique[:6], 16))  # a fresh seed → a fresh cache key
     first = httpx.post(server + "/v1/judge", json=body, timeout=600)
@@ -266,6 +283,44 @@ async def _burst(base: str, n: int) -> list[httpx.Response]:
                 for i in range(n)
             )
         )
+
+
+class OverlapEngine(SlowEngine):
+    """Fault injector that records how many generate() calls run at the same time."""
+
+    def __init__(self, delay: float, continuous: bool) -> None:
+        super().__init__(delay)
+        self.continuous_batching = continuous
+        self.running = self.most_running = 0
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            return await super().generate(requests)
+        finally:
+            self.running -= 1
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_pairs_reach_a_continuously_batching_engine_on_arrival(continuous):
+    engine = OverlapEngine(0.5, continuous)
+    app = build_app(_settings(max_batch_size=1, max_wait_ms=0), engine=engine)
+    with serve_app(app) as base:
+        assert httpx.get(base + "/v1/info").json()["batching"] == ("continuous" if continuous else "micro")
+        responses = asyncio.run(_burst(base, 4))
+    assert all(r.status_code == 200 for r in responses)
+    # continuous: no request waits for another's engine call; micro: one engine call at a time
+    assert engine.most_running == (4 if continuous else 1)
+
+
+def test_continuous_batching_keeps_the_bounded_queue():
+    engine = OverlapEngine(0.5, continuous=True)
+    app = build_app(_settings(max_inflight=1, max_queue=1), engine=engine)
+    with serve_app(app) as base:
+        responses = asyncio.run(_burst(base, 6))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 429 in codes and engine.most_running == 1
 
 
 def test_full_queue_answers_429_with_retry_after():
