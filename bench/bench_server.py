@@ -1,4 +1,4 @@
-"""rm_server benchmark, one run, real servers (`her serve` subprocesses), bundled model:
+"""rm_server benchmark on the transformers fallback engine, one run, real `her serve` subprocesses:
 
 1. judge throughput with N concurrent clients through the micro-batcher (RM_MAX_BATCH_SIZE=16) vs the
    same engine served one request at a time (RM_MAX_BATCH_SIZE=1). Goal ≥ 4×.
@@ -34,7 +34,9 @@ SCENE = ROOT / "tests" / "data" / "coser_test_sample_pride_and_prejudice.json"
 
 def start_server(batch_size: int, redis_url: str | None) -> ServerProcess:
     port = free_port()
-    env = {"RM_MAX_BATCH_SIZE": str(batch_size), "RM_MAX_WAIT_MS": "20", "RM_LOG_LEVEL": "warning"}
+    # The transformers fallback's micro-batcher (bench_vllm.py measures the default vLLM engine).
+    env = {"RM_ENGINE": "transformers", "RM_BATCHING": "micro", "RM_MAX_BATCH_SIZE": str(batch_size),
+           "RM_MAX_WAIT_MS": "20", "RM_LOG_LEVEL": "warning"}
     if redis_url:
         env["RM_REDIS_URL"] = redis_url
     os.environ.update(env)

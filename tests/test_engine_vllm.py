@@ -193,3 +193,35 @@ def test_the_end_of_session_orphan_check_sees_the_engine_processes(engine) -> No
     from conftest import vllm_processes
 
     assert any("VLLM::" in cmd for cmd in vllm_processes().values())  # the detector would see leftovers
+
+
+def test_sigterm_to_a_her_command_leaves_no_vllm_process(tmp_path, scene) -> None:
+    """`her judge` killed mid-run (SIGTERM, as a scheduler or `timeout` sends it) shuts its engine down."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from _openai_server import group_members
+    from _pairs import fixture_pairs
+
+    src = tmp_path / "pairs.jsonl"
+    rows = [{"context": [m.model_dump() for m in p["context"]], "a": p["a"], "b": p["b"]}
+            for p in fixture_pairs(scene, 8)]
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    her = Path(sys.executable).with_name("her")
+    proc = subprocess.Popen([str(her), "judge", "--in", str(src), "--out", str(tmp_path / "out.jsonl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any("VLLM::" in cmd for cmd in group_members(proc.pid).values()):  # the engine is up
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        time.sleep(3)  # judging has begun
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 128 + signal.SIGTERM
+        time.sleep(1)
+        assert group_members(proc.pid) == {}
+    finally:
+        if proc.poll() is None or group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
