@@ -170,6 +170,8 @@ class VLLMEngine:
             self._thread.join(timeout=30)
 
     async def _generate_all(self, requests: list[GenRequest]) -> list[GenResult]:
+        if not requests:
+            return []
         tokenizer = await self._get_tokenizer()
         prompts = [_render(tokenizer, req) for req in requests]
         # vLLM's prefix cache only serves blocks computed in an earlier step: requests sharing a long

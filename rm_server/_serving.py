@@ -79,7 +79,8 @@ class JudgeService:
 
     @property
     def ready(self) -> bool:
-        return self.genrm is not None and self.batcher.running
+        # An engine that can tell (vLLM) reports whether its processes still live.
+        return self.genrm is not None and self.batcher.running and getattr(self.genrm.engine, "alive", True)
 
     async def start(self) -> None:
         await self.batcher.start()

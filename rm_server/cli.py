@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     auth = "on" if settings.api_keys else "off (set RM_API_KEYS to require Bearer keys)"
     cache = settings.redis_url or "in-process LRU (set RM_REDIS_URL for Redis)"
     url = f"http://{settings.host}:{settings.port}"
-    print(f"rm_server: {settings.engine} engine, model {settings.model}; cache {cache}; auth {auth}\n"
+    print(f"rm_server: {settings.resolved_engine()} engine, model {settings.model}; cache {cache}; auth {auth}\n"
           f"listening on {url}  (docs {url}/docs, metrics {url}/metrics)\n"
           f"try: curl -s {url}/v1/judge -H 'Content-Type: application/json' "
           "-d '{\"context\": \"User: Hello!\", \"a\": \"Hi there.\", \"b\": \":\"}'", flush=True)
