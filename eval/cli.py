@@ -13,7 +13,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from her_cli._engine_args import add_engine_arguments, engine_from_args, engine_settings_from_args
+from her_cli._engine_args import add_engine_arguments, build_engine_or_exit, engine_settings_from_args
 from her_roleplay import SceneLoadError, load_scenes
 
 
@@ -102,7 +102,8 @@ async def _coser(args: argparse.Namespace) -> int:
         scenes = load_scenes(args.test_file)
     except SceneLoadError as exc:
         raise SystemExit(f"her eval coser: {exc}") from None
-    actor = engine_from_args(args)
+    actor_settings = engine_settings_from_args(args)
+    actor = build_engine_or_exit(actor_settings)
     owned: list = [actor]
     try:
         if args.judge_url:
@@ -119,8 +120,8 @@ async def _coser(args: argparse.Namespace) -> int:
             judge_name = "rm_server"
         else:
             judge_settings = engine_settings_from_args(args, prefix="judge-", inherit="")
-            same = judge_settings == engine_settings_from_args(args)
-            judge_engine = actor if same else engine_from_args(args, prefix="judge-", inherit="")
+            same = judge_settings == actor_settings
+            judge_engine = actor if same else build_engine_or_exit(judge_settings, prefix="judge-")
             if judge_engine is not actor:
                 owned.append(judge_engine)
             judge = TranscriptScorer(judge_engine, judge_cfg)

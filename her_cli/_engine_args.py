@@ -8,7 +8,7 @@ Help text and defaults come from the settings' docstrings, so the CLI and the se
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from her_engines import Engine, EngineSettings, build_engine
 
@@ -25,9 +25,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "", i
         else:
             default = field.default if field.default is not None else "unset"
         extra: dict[str, Any] = {}
-        annotation = str(field.annotation)
-        if "Literal" in annotation and field.annotation is not None:
-            extra["choices"] = list(field.annotation.__args__)  # type: ignore[union-attr]
+        if get_origin(field.annotation) is Literal:
+            extra["choices"] = list(get_args(field.annotation))
         parser.add_argument(flag, dest=_dest(prefix, name), default=None, metavar=name.upper(), **extra,
                             help=f"{field.description or ''} (default: {default})")
 
@@ -49,7 +48,11 @@ def engine_settings_from_args(args: argparse.Namespace, *, prefix: str = "", inh
 
 def engine_from_args(args: argparse.Namespace, *, prefix: str = "", inherit: str | None = None) -> Engine:
     """Build the engine the flags describe; a configuration mistake exits with the reason."""
-    settings = engine_settings_from_args(args, prefix=prefix, inherit=inherit)
+    return build_engine_or_exit(engine_settings_from_args(args, prefix=prefix, inherit=inherit), prefix=prefix)
+
+
+def build_engine_or_exit(settings: EngineSettings, *, prefix: str = "") -> Engine:
+    """`build_engine`, with a configuration mistake reported in terms of the `--{prefix}` flags."""
     try:
         return build_engine(settings)
     except ValueError as exc:

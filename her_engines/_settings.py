@@ -74,8 +74,9 @@ class EngineSettings(BaseModel):
         return {k: v for k, v in options.items() if v is not None}
 
 
-def build_engine(settings: EngineSettings) -> Engine:
-    """Create the engine `settings` describe (loads the model; takes seconds to a minute)."""
-    kind = settings.resolved_engine()
+def build_engine(settings: EngineSettings, kind: EngineKind | None = None) -> Engine:
+    """Create the engine `settings` describe (loads the model; takes seconds to a minute). Pass `kind`
+    when `settings.resolved_engine()` was already asked, so a fallback is not logged twice."""
+    kind = kind or settings.resolved_engine()
     log.info("starting the %s engine for %s", kind, settings.model)
     return create_engine(kind, settings.model, **settings.engine_options(kind))

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from her_engines import Engine, EngineKind, create_engine
+from her_engines import Engine, EngineKind, build_engine
 from her_genrm import GenRM, GenRMConfig
 from her_roleplay import PrincipleLibrary, default_library
 
@@ -145,7 +145,7 @@ def build_app(
 
     async def load_engine() -> None:
         try:
-            loaded = await asyncio.to_thread(create_engine, kind, settings.model, **settings.engine_options(kind))
+            loaded = await asyncio.to_thread(build_engine, settings, kind)
         except Exception:
             log.exception("could not load the judge engine")
             raise

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -108,21 +109,38 @@ class ServerProcess:
         self.stop()
 
 
-def group_members(pgid: int) -> dict[int, str]:
-    """Live processes of process group `pgid` (pid -> command line)."""
-    members = {}
+@dataclass(frozen=True)
+class LiveProcess:
+    """One live (not zombie) process as /proc shows it."""
+
+    pid: int
+    name: str  # the kernel's short name (vLLM renames its processes, e.g. "VLLM::EngineCor")
+    cmdline: str
+    pgrp: int
+    start_ticks: int  # clock ticks after boot
+
+
+def live_processes() -> list[LiveProcess]:
+    """Every live process on the machine."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members[int(entry.name)] = cmdline.strip() or stat[: stat.rindex(")") + 1]
-    return members
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ... starttime (#20)
+        if fields[0] != "Z":
+            found.append(LiveProcess(int(entry.name), name, cmdline or name, int(fields[2]), int(fields[19])))
+    return found
+
+
+def group_members(pgid: int) -> dict[int, str]:
+    """Live processes of process group `pgid` (pid -> command line)."""
+    return {p.pid: p.cmdline for p in live_processes() if p.pgrp == pgid}
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -54,7 +54,7 @@ def engine():
 
 
 @pytest.fixture(scope="session")
-def her_server():
+def rm_server():
     """One real `her serve` subprocess for the suite: the default engine (vLLM) on the bundled model,
     in-process verdict cache, no auth, short batching wait. Tests may stop and start it again.
 
@@ -126,22 +126,10 @@ _SESSION_STARTED = _boot_ticks_now()
 
 def vllm_processes() -> dict[int, str]:
     """pid -> command line of every vLLM engine, worker or server process started during this session."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            comm = (proc / "comm").read_text().strip()
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... starttime is #20
-        if fields[0] == "Z" or int(fields[19]) < _SESSION_STARTED:
-            continue
-        if any(m in cmdline or m in comm for m in _VLLM_MARKERS):
-            found[int(proc.name)] = cmdline or comm
-    return found
+    from _openai_server import live_processes
+
+    return {p.pid: p.cmdline for p in live_processes()
+            if p.start_ticks >= _SESSION_STARTED and any(m in p.cmdline or m in p.name for m in _VLLM_MARKERS)}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

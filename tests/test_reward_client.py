@@ -361,12 +361,6 @@ def test_verl_compute_score_contract(monkeypatch):
 # ---------------------------------------------------------------------- the real rm_server
 
 
-@pytest.fixture
-def rm_server(her_server):
-    """The suite's `her serve` (conftest): vLLM engine, no Redis, no auth."""
-    return her_server
-
-
 def _judgments(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples

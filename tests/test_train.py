@@ -1,7 +1,7 @@
 """Training entry points end to end: a tiny random-weight policy trained on CPU with rewards from the
 real rm_server (bundled judge model) over HTTP, under DeepSpeed ZeRO-2 for the smoke config.
 
-The suite's rm_server subprocess (conftest `her_server`) serves these tests; the restart test kills
+The suite's rm_server subprocess (conftest `rm_server`) serves these tests; the restart test kills
 it (SIGKILL) mid-step and starts it again on the same port. The judge runs in fast mode (one forward
 per order) with small groups.
 """
@@ -90,12 +90,6 @@ def launcher_free_env() -> dict[str, str]:
     """This process's env without a distributed launcher's variables (the run must set its own)."""
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"}
     return {k: v for k, v in os.environ.items() if k not in drop}
-
-
-@pytest.fixture
-def rm_server(her_server):
-    """The suite's `her serve` (conftest): vLLM engine, no Redis, no auth, short batching wait."""
-    return her_server
 
 
 # --- configuration and data (no training) -----------------------------------------------------------
