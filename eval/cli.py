@@ -4,6 +4,10 @@
 
 The judge is a local engine (by default the model under test itself) or, with ``--judge-url``, a
 running rm_server (``POST /v1/score/transcript``). Rerunning the same command resumes.
+
+`her eval judge`: agreement of one or more pairwise judges with labelled pairs, side by side.
+
+    her eval judge --pairs PAIRS.jsonl --judge base=smollm2-135m-instruct [--judge trained=DIR ...] --out DIR
 """
 
 from __future__ import annotations
@@ -63,6 +67,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--max-instance-chars", type=int, default=200, help="length limit of a flaw's instance")
     j.add_argument("--judge-attempts", type=int, default=2, help="tries per dimension before it is an error")
     coser.set_defaults(_run_eval=_run_coser)
+    _add_judge_arguments(sub)
+
+
+def _add_judge_arguments(sub: argparse._SubParsersAction) -> None:
+    judge = sub.add_parser(
+        "judge",
+        help="agreement of pairwise judges with labelled pairs (accuracy, biases), side by side",
+        description="Judge labelled pairs (her_genrm.LabelledPair jsonl) with each --judge in turn, one model "
+        "loaded at a time, and compare them: accuracy with 95% Wilson CIs, by flaw kind and label pattern, "
+        "swap consistency, first-slot and prefer-longer rates, ties, errors. Writes verdicts_NAME.jsonl, "
+        "metrics.json, report.md and charts into --out.",
+    )
+    judge.add_argument("--pairs", required=True,
+                       help="jsonl of her_genrm.LabelledPair records (e.g. hard negatives from the data builder)")
+    judge.add_argument(
+        "--judge", dest="judges", action="append", required=True, metavar="NAME=MODEL",
+        help="a judge to evaluate (repeatable): MODEL is the bundled id, an HF folder (e.g. from her train "
+        "genrm; its her_judge.json card picks the prompt) or what --engine takes",
+    )
+    judge.add_argument("--out", required=True, help="output folder (report.md, metrics.json, verdicts_*.jsonl, PNGs)")
+    judge.add_argument("--mode", choices=["fast", "cot"], default="fast", help="judge mode (default fast)")
+    judge.add_argument("--swap", action=argparse.BooleanOptionalAction, default=True,
+                       help="judge both presentation orders (default on)")
+    judge.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    judge.add_argument("--batch-size", type=int, default=16, help="pairs per engine call (default 16)")
+    judge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(judge.add_argument_group("engine (every judge)"), exclude={"model"})
+    judge.set_defaults(_run_eval=_run_judge)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,3 +194,35 @@ async def _coser(args: argparse.Namespace) -> int:
         f"report: {Path(args.out) / 'report.md'}"
     )
     return 1 if outcome.failed else 0
+
+
+def _run_judge(args: argparse.Namespace) -> int:
+    return asyncio.run(_judge(args))
+
+
+async def _judge(args: argparse.Namespace) -> int:
+    from ._judge_eval import JudgeEvalConfig, JudgeSpec, evaluate_judges, load_labelled_pairs
+
+    try:  # check everything before loading any model
+        judges = [JudgeSpec.parse(text) for text in args.judges]
+        pairs = load_labelled_pairs(args.pairs, limit=args.limit)
+        config = JudgeEvalConfig(
+            out_dir=Path(args.out),
+            mode=args.mode,
+            swap=args.swap,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            engine_settings=engine_settings_from_args(args),
+            pairs_file=str(args.pairs),
+        )
+        summary = await evaluate_judges(pairs, judges, config, build=build_engine_or_exit)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"her eval judge: {exc}") from None
+    for j in summary["judges"]:
+        m = j["metrics"]
+        acc = m["accuracy"]
+        shown = "n/a" if acc["value"] is None else f"{acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]"
+        print(f"{j['name']}: accuracy {shown} over {m['judged_ok']}/{m['pairs']} pairs judged ok, "
+              f"{m['errors']['hits']} errors")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

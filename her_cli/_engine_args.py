@@ -8,6 +8,7 @@ Help text and defaults come from the settings' docstrings, so the CLI and the se
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import Any, Literal, get_args, get_origin
 
 from her_engines import Engine, EngineSettings, build_engine
@@ -15,10 +16,14 @@ from her_engines import Engine, EngineSettings, build_engine
 FIELDS = EngineSettings.model_fields
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "", inherit: str | None = None) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "", inherit: str | None = None,
+                         exclude: Collection[str] = ()) -> None:
     """Add one flag per engine setting. With `inherit`, unset flags fall back to that flag's value
-    (e.g. the judge engine defaults to the engine of the model under test)."""
+    (e.g. the judge engine defaults to the engine of the model under test). `exclude` names settings
+    the command sets another way (e.g. `her eval judge` takes each model from `--judge`)."""
     for name, field in FIELDS.items():
+        if name in exclude:
+            continue
         flag = f"--{prefix}{name.replace('_', '-')}"
         if inherit is not None:
             default = f"the --{inherit}{name.replace('_', '-')} value"
@@ -35,9 +40,9 @@ def engine_settings_from_args(args: argparse.Namespace, *, prefix: str = "", inh
                               ) -> EngineSettings:
     values: dict[str, Any] = {}
     for name in FIELDS:
-        value = getattr(args, _dest(prefix, name))
+        value = getattr(args, _dest(prefix, name), None)  # None also for an excluded flag
         if value is None and inherit is not None:
-            value = getattr(args, _dest(inherit, name))
+            value = getattr(args, _dest(inherit, name), None)
         if value is not None:
             values[name] = value
     try:

@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rm_server.cli", "run the GenRM service (rm_server)"),
     "train": ("policy_trainer.cli", "SFT cold start and GRPO training with remote rewards"),
     "build": ("data_builder.cli", "reverse-synthesise dual-layer data and preference pairs"),
-    "eval": ("eval.cli", "CoSER-style multi-agent evaluation"),
+    "eval": ("eval.cli", "evaluations: CoSER acting (coser), judge agreement on labelled pairs (judge)"),
 }
 
 

@@ -7,6 +7,7 @@
 """
 
 from ._api import judge, judge_file
+from ._card import JUDGE_CARD_FILE, JudgeCard, genrm_config_for, read_judge_card
 from ._judge import FAST_CHOICES, GenRM, GenRMConfig, pattern_of
 from ._rewards import (
     FORMAT_BREAKING_CODES,
@@ -22,10 +23,13 @@ from ._templates import (
     CompactTemplate,
     HerRMTemplate,
     JudgeOutputError,
+    PrincipleDetail,
     parse_compact,
     parse_her_rm,
+    render_compact,
     render_context,
 )
+from ._training import training_examples, training_rows
 from ._transcript import (
     DIMENSION_TITLES,
     FLAW_TYPES,
@@ -48,6 +52,7 @@ from ._transcript import (
 from ._types import (
     Comparison,
     JudgeRequest,
+    LabelledPair,
     Mode,
     OrderResult,
     Pattern,
@@ -72,8 +77,12 @@ __all__ = [
     "GenRM",
     "GenRMConfig",
     "HerRMTemplate",
+    "PrincipleDetail",
     "JudgeOutputError",
     "JudgeRequest",
+    "JudgeCard",
+    "JUDGE_CARD_FILE",
+    "LabelledPair",
     "Mode",
     "OrderResult",
     "Pattern",
@@ -92,12 +101,17 @@ __all__ = [
     "format_violations",
     "judge",
     "judge_file",
+    "genrm_config_for",
+    "read_judge_card",
     "parse_compact",
     "parse_flaws",
     "parse_her_rm",
     "pattern_of",
     "public_text",
+    "render_compact",
     "render_context",
+    "training_examples",
+    "training_rows",
     "render_transcript",
     "rollout_reward",
     "round_robin_pairs",

@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
@@ -26,6 +25,7 @@ from ._templates import (
     JudgeOutputError,
     JudgeTemplate,
     ParsedJudgment,
+    PrincipleDetail,
     Slot,
     parse_compact,
     parse_her_rm,
@@ -59,7 +59,7 @@ def _slot_to_winner(slot: Slot, a_first: bool) -> Winner:
 class GenRMConfig:
     """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
 
-    principle_detail: Literal["definition", "name", "id"] = "id"
+    principle_detail: PrincipleDetail = "id"
     cot_max_tokens: int = CompactTemplate.max_output_tokens()
     her_rm_max_tokens: int = 1536
     temperature: float = 0.0
@@ -192,10 +192,13 @@ class GenRM:
         slot_of_a = "A" if a_first else "B"
         p_a = probs[slot_of_a] + 0.5 * probs["tie"]
         best: Slot = max(SLOTS, key=lambda s: probs[s])
-        return OrderResult(**base, status="ok", winner=_slot_to_winner(best, a_first), p_a=p_a)
+        by_winner = {_slot_to_winner(slot, a_first): p for slot, p in probs.items()}
+        return OrderResult(**base, status="ok", winner=_slot_to_winner(best, a_first), p_a=p_a, probs=by_winner)
 
     def combine(self, req: JudgeRequest, orders: list[OrderResult]) -> Verdict:
-        """Fold the orders of one pair: mean P(a≻b); disagreeing winners → tie, inconsistent."""
+        """Fold the orders of one pair: mean P(a≻b). cot: disagreeing winners → tie, inconsistent.
+        fast: the argmax of the order-averaged P(a), P(b), P(tie) (`consistent` still says whether
+        the orders' own argmaxes agreed)."""
         template = self.template(req.template)
         usage = sum((o.usage for o in orders), Usage())
         common = {
@@ -212,7 +215,13 @@ class GenRM:
             return Verdict(**common, status="error", error="; ".join(o.error or "error" for o in failed))
         winners = {o.winner for o in orders}
         consistent = len(winners) == 1 if len(orders) > 1 else None
-        verdict: Winner = orders[0].winner if len(winners) == 1 else "tie"  # type: ignore[assignment]
+        if all(o.probs for o in orders):
+            # fast mode: the most likely outcome of the order-averaged distribution, so a judge's
+            # preference for one slot cancels out instead of turning every split decision into a tie
+            mean = {w: sum(o.probs[w] for o in orders) / len(orders) for w in ("a", "b", "tie")}  # type: ignore[index]
+            verdict: Winner = max(mean, key=mean.__getitem__)  # type: ignore[arg-type, assignment]
+        else:
+            verdict = orders[0].winner if len(winners) == 1 else "tie"  # type: ignore[assignment]
         all_comparisons = [c for o in orders for c in o.comparisons]
         return Verdict(
             **common,

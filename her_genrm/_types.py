@@ -13,6 +13,7 @@ TemplateName = Literal["compact", "her-rm"]
 Winner = Literal["a", "b", "tie"]
 Pattern = Literal["all_a", "all_b", "mixed", "tie"]
 Status = Literal["ok", "error"]
+PairSource = Literal["hard_negative", "teacher"]
 
 
 class JudgeRequest(BaseModel):
@@ -55,6 +56,7 @@ class OrderResult(BaseModel):
     status: Status
     winner: Winner | None = None
     p_a: float | None = None
+    probs: dict[Winner, float] | None = Field(None, description="fast mode: P(a wins), P(b wins), P(tie)")
     principles: list[str] = Field(default_factory=list)
     comparisons: list[Comparison] = Field(default_factory=list)
     pattern: Pattern | None = None
@@ -83,3 +85,26 @@ class Verdict(BaseModel):
     principle_set_hash: str = ""
     usage: Usage = Field(default_factory=Usage)
     latency_ms: float | None = None
+
+
+class LabelledPair(BaseModel):
+    """A pair whose better reply is known: GenRM training data and the yardstick of `her eval judge`.
+
+    Winners name the caller's candidates (``a``/``b``), never presentation slots, so one record
+    yields both presentation orders. ``comparisons`` are the per-principle outcomes that support
+    ``label`` (for a hard negative: the flaw the corrupted reply commits, known by construction).
+    """
+
+    id: str
+    context: list[ChatMessage] | str
+    a: str
+    b: str
+    label: Winner
+    comparisons: list[Comparison] = Field(default_factory=list)
+    pattern: Pattern | None = None
+    source: PairSource
+    flaw_kind: str | None = Field(None, description="the corruption applied, for hard negatives")
+    book: str | None = None
+    scene_id: str | None = None
+    turn: int | None = None
+    character: str | None = None

@@ -36,7 +36,7 @@ from ._scene import (
     SceneLoadError,
     load_scenes,
 )
-from ._validate import FINDING_CODES, validate_reply
+from ._validate import FINDING_CODES, find_repeated_patterns, validate_reply
 
 __all__ = [
     "CONVERSATION_START",
@@ -62,6 +62,7 @@ __all__ = [
     "build_chat_prompt",
     "coser_to_her",
     "default_library",
+    "find_repeated_patterns",
     "her_to_coser",
     "load_scenes",
     "parse_coser",

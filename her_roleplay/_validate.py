@@ -9,6 +9,25 @@
 - ``mind_reading``: a thought states another character's hidden feelings or thoughts as fact.
 - ``empty_reply``: nothing visible (no speech, no action): the others would perceive no turn at all.
 - ``missing_system_thinking``: only with ``require_system_thinking=True``.
+- ``action_first_person``: a ``<role_action>`` says "I", "me", "my", "we", ... outside quotes. Actions
+  are narrated from outside ("draws his sword"), never as "I draw my sword".
+- ``whitespace_between_tags``: whitespace alone (spaces, newlines) sits between a closing tag and the
+  next tag, e.g. ``</role_action>\n<role_thinking>``. HER writes adjacent tags with nothing between
+  them; speech that merely begins or ends with a space is not flagged, nor is whitespace at the very
+  start or end of the reply (models often end with a newline).
+- ``repeated_adjacent_tag``: two segments of the same tagged kind (role_thinking or role_action) follow
+  each other with no speech between them; they should be one segment.
+- ``reply_too_long``: only with ``max_visible_words``: the visible part (actions and speech; thoughts
+  and the plan are not counted) has more whitespace-separated words than allowed. Actors are asked
+  for about ``REPLY_WORD_BUDGET`` (60) words; a bound of twice that is a reasonable ceiling.
+
+:func:`find_repeated_patterns` checks a sequence of one character's consecutive replies instead of a
+single reply:
+
+- ``repeated_turn_pattern``: a reply repeats its predecessor's pattern: the same sequence of segment
+  kinds (e.g. thinking, action, speech) *and* the same first ``opening_words`` words (case and
+  punctuation ignored) in its first segment. Either alone is common and fine; both together is
+  the templated look HER's synthesis avoids.
 
 The thought rules are lexical heuristics, deliberately narrow so that a finding is usually right:
 
@@ -56,6 +75,11 @@ FINDING_CODES: dict[str, str] = {
     "role_thinking_third_person": "a role_thinking narrates the speaker in the third person",
     "mind_reading": "a role_thinking states another character's hidden feelings or thoughts as fact",
     "empty_reply": "the reply has no speech and no action: nothing visible to the others",
+    "action_first_person": "a role_action speaks as the character (I, me, my) instead of narrating",
+    "whitespace_between_tags": "only whitespace sits between two adjacent tags; HER writes them touching",
+    "repeated_adjacent_tag": "two role_thinking or two role_action segments in a row with no speech between",
+    "reply_too_long": "the visible part (actions and speech) has more words than the configured maximum",
+    "repeated_turn_pattern": "a reply repeats the previous turn's segment sequence and opening words",
 }
 
 _TITLES = frozenset({
@@ -125,6 +149,8 @@ _CONNECTIVES = _CONJUNCTIONS | {"now", "then", "still", "perhaps", "surely", "oh
 _TOKEN = re.compile(
     r"(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*['’]?)|(?P<stop>[.!?;\n]+)|(?P<pause>[,:()]|—|–|--)"
 )
+_KNOWN_TAG = re.compile(r"</?(?:system_thinking|role_thinking|role_action)>")
+_TAG_OF_KIND = {"thinking": "role_thinking", "action": "role_action"}
 _QUOTES = re.compile(r"\"[^\"]*\"|“[^”]*”|(?<![^\W\d_])['‘][^'‘’]*['’](?![^\W\d_])")
 
 
@@ -340,25 +366,64 @@ def _check_plan(text: str, seg: LocatedSegment) -> list[Finding]:
     return findings
 
 
+def _check_action(text: str, seg: LocatedSegment) -> list[Finding]:
+    words = [w for s in _sentences(text, seg) for w in s.words]
+    first = next((w for w in words if w.low in _FIRST_PERSON), None)
+    if first is None:
+        return []
+    return [Finding("action_first_person", (first.start, first.end),
+                    f"role_action says {first.text!r}: narrate the action from outside ('draws his sword'), "
+                    "not as the character ('I draw my sword')")]
+
+
+def _check_layout(text: str, located: list[LocatedSegment]) -> list[Finding]:
+    """Whitespace-only gaps between tags, and same-kind tagged segments back to back."""
+    findings: list[Finding] = []
+    tags = list(_KNOWN_TAG.finditer(text))
+    for before, after in zip(tags, tags[1:], strict=False):
+        gap = text[before.end() : after.start()]
+        if gap and not gap.strip():
+            findings.append(Finding("whitespace_between_tags", (before.end(), after.start()),
+                                    f"{gap!r} between {before.group(0)} and {after.group(0)}; write adjacent "
+                                    "tags with nothing between them"))
+    segments = [seg for seg in located if seg.kind != "system"]
+    for prev, cur in zip(segments, segments[1:], strict=False):
+        if prev.kind == cur.kind and prev.kind in _TAG_OF_KIND:
+            tag = _TAG_OF_KIND[prev.kind]
+            findings.append(Finding("repeated_adjacent_tag", (prev.pieces[0][0], cur.pieces[-1][1]),
+                                    f"two <{tag}> segments in a row; merge them into one"))
+    return findings
+
+
+def _visible_words(located: list[LocatedSegment]) -> int:
+    return sum(len(seg.text.split()) for seg in located if seg.kind in ("action", "speech"))
+
+
 def validate_reply(
     text: str,
     *,
     speaker: str | None = None,
     others: Sequence[str] = (),
     require_system_thinking: bool = False,
+    max_visible_words: int | None = None,
 ) -> list[Finding]:
     """All findings for one HER reply: tag grammar (parser) plus the semantic rules, sorted by span.
 
     ``speaker`` is the character who wrote the reply (enables the own-name check); ``others`` are the
-    other characters' names (enables named mind-reading; the speaker is ignored if listed). An empty
-    list means the reply passed every check. Codes and their meaning: :data:`FINDING_CODES`.
+    other characters' names (enables named mind-reading; the speaker is ignored if listed);
+    ``max_visible_words`` bounds the words of actions plus speech (unset: no bound). An empty list
+    means the reply passed every check. Codes and their meaning: :data:`FINDING_CODES`.
 
-    Raises TypeError for non-string text or a string passed as ``others``, ValueError for blank names.
+    Raises TypeError for non-string text or a string passed as ``others``, ValueError for blank names
+    or a ``max_visible_words`` below 1.
     """
     if not isinstance(text, str):
         raise TypeError(f"reply text must be str, got {type(text).__name__}")
     if isinstance(others, str):
         raise TypeError("others must be a sequence of names, not one string")
+    if max_visible_words is not None and (isinstance(max_visible_words, bool) or not isinstance(
+            max_visible_words, int) or max_visible_words < 1):
+        raise ValueError(f"max_visible_words must be a positive int or None, got {max_visible_words!r}")
     speaker = _check_name(speaker, "speaker") if speaker is not None else None
     names = [_check_name(name, "each of others") for name in others]
     parsed = parse_reply_located(text)
@@ -369,6 +434,12 @@ def validate_reply(
             findings += _check_plan(text, seg)
         elif seg.kind == "thinking":
             findings += _check_thought(text, seg, cast)
+        elif seg.kind == "action":
+            findings += _check_action(text, seg)
+    findings += _check_layout(text, parsed.located)
+    if max_visible_words is not None and (count := _visible_words(parsed.located)) > max_visible_words:
+        findings.append(Finding("reply_too_long", (0, len(text)),
+                                f"{count} visible words (actions and speech); keep it to {max_visible_words}"))
     reply = parsed.reply
     if require_system_thinking and reply.system_thinking is None:
         findings.append(Finding("missing_system_thinking", (0, 0),
@@ -378,3 +449,41 @@ def validate_reply(
                                 "the reply has no speech and no action, so the other characters see nothing"))
     findings.sort(key=lambda f: (f.span, f.code))
     return findings
+
+
+def _opening(seg: LocatedSegment, count: int) -> tuple[str, ...]:
+    return tuple(re.findall(r"[^\W_]+(?:['’][^\W_]+)*", seg.text.lower())[:count])
+
+
+def find_repeated_patterns(replies: Sequence[str], *, opening_words: int = 3) -> list[tuple[int, Finding]]:
+    """``repeated_turn_pattern`` findings over one character's consecutive replies, in order.
+
+    Reply ``i`` is flagged when it has the same sequence of segment kinds as reply ``i - 1`` and its
+    first segment opens with the same ``opening_words`` words (case and punctuation ignored); the
+    system_thinking plan is not part of the pattern, and a first segment shorter than
+    ``opening_words`` words never counts as a repeat. Each item is ``(i, finding)``, the span pointing
+    into ``replies[i]`` at its first segment.
+
+    Raises TypeError for a string or non-string items, ValueError for ``opening_words`` below 1.
+    """
+    if isinstance(replies, str):
+        raise TypeError("replies must be a sequence of reply texts, not one string")
+    if not all(isinstance(r, str) for r in replies):
+        raise TypeError("every reply must be a str")
+    if isinstance(opening_words, bool) or not isinstance(opening_words, int) or opening_words < 1:
+        raise ValueError(f"opening_words must be a positive int, got {opening_words!r}")
+    shapes = []
+    for text in replies:
+        segments = [seg for seg in parse_reply_located(text).located if seg.kind != "system"]
+        opening = _opening(segments[0], opening_words) if segments else ()
+        shapes.append((tuple(seg.kind for seg in segments), opening, segments[0] if segments else None))
+    out: list[tuple[int, Finding]] = []
+    for i in range(1, len(shapes)):
+        kinds, opening, first = shapes[i]
+        if first is None or len(opening) < opening_words or (kinds, opening) != shapes[i - 1][:2]:
+            continue
+        out.append((i, Finding(
+            "repeated_turn_pattern", (first.pieces[0][0], first.pieces[-1][1]),
+            f"same shape ({' -> '.join(kinds)}) and same opening {' '.join(opening)!r} as the previous "
+            "turn; vary the structure or the first words")))
+    return out

@@ -1,6 +1,7 @@
-"""`her train sft|grpo`: run a training config.
+"""`her train sft|grpo|genrm`: run a training config.
 
     her train sft  --config policy_trainer/configs/sft_cpu_smoke.yaml
+    her train genrm --config policy_trainer/configs/genrm_cpu.yaml --pairs pairs.jsonl --output-dir judge/
     her train grpo --config policy_trainer/configs/grpo_cpu_smoke.yaml --reward-url http://127.0.0.1:8000
 
 On GPUs, under a launcher (the DeepSpeed settings then come from the accelerate file, so the
@@ -32,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grpo = sub.add_parser("grpo", help="GRPO with rewards from rm_server",
                           description="GRPO with TRL's GRPOTrainer and rewards from rm_server over HTTP, "
                                       "configured from a YAML file.")
-    for sp in (sft, grpo):
+    genrm = sub.add_parser("genrm", help="fine-tune a judge on labelled pairs (her build negatives / teacher-pairs)",
+                           description="GenRM training with TRL's SFTTrainer on labelled pairs; the output "
+                                       "folder serves as is with `her serve --model DIR`.")
+    genrm.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
+                       help="labelled pair files; override data.pairs of the config")
+    for sp in (sft, grpo, genrm):
         sp.add_argument("--config", required=True, metavar="FILE",
                         help="training YAML (see policy_trainer/configs/*_cpu_smoke.yaml)")
         sp.add_argument("--output-dir", default=None, metavar="DIR", help="override the config's output_dir")
@@ -60,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
                 result = grpo_run.train()
             finally:
                 grpo_run.close()
+        elif args.train_command == "genrm":
+            from ._genrm import GenRMRun, GenRMRunConfig
+
+            config = GenRMRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps,
+                                              pairs=args.pairs)
+            result = GenRMRun(config).train()
         else:
             from ._sft import SFTRun, SFTRunConfig
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from her_engines import Engine, EngineKind, build_engine
-from her_genrm import GenRM, GenRMConfig
+from her_genrm import GenRM, genrm_config_for
 from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
@@ -140,7 +140,7 @@ def build_app(
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry, continuous_batching=continuous)
 
     def make_genrm(loaded: Engine) -> GenRM:
-        config = GenRMConfig(principle_detail=settings.principle_detail)
+        config = genrm_config_for(settings.model, settings.principle_detail, library.version)
         return GenRM.from_paths(loaded, principles=library, her_rm_template=settings.her_rm_template, config=config)
 
     async def load_engine() -> None:

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from her_engines import EngineSettings
+from her_genrm import PrincipleDetail
 
 
 class ServerSettings(BaseSettings, EngineSettings):
@@ -29,8 +30,9 @@ class ServerSettings(BaseSettings, EngineSettings):
     """Principle library YAML; default: the bundled library."""
     openrlhf_mode: Literal["cot", "fast"] = "cot"
     """Judge mode for /get_reward (OpenRLHF's protocol carries no mode)."""
-    principle_detail: Literal["definition", "name", "id"] = "id"
-    """How the compact template lists principles: ids only (cheapest), short names, or full definitions."""
+    principle_detail: PrincipleDetail | None = None
+    """How the compact template lists principles: ids only (cheapest), short names, full definitions, or
+    none (judges trained by `her train genrm`). Unset: what the model folder's judge card says, else ids."""
     her_rm_template: str | None = None
     """Template file of the released HER-RM judge; enables template=her-rm."""
     api_keys: list[SecretStr] = Field(default_factory=list)

@@ -182,6 +182,25 @@ def test_disagreeing_orders_give_an_inconsistent_tie():
     assert (v.verdict, v.consistent, v.p_a) == ("b", True, 0.0)
 
 
+def test_fast_verdict_is_the_argmax_of_the_order_averaged_probabilities():
+    """A judge that always prefers slot A, a little less when b is shown there: each order's argmax is
+    its first slot (inconsistent), but the averaged distribution still says which candidate it favours."""
+    g = _genrm_without_engine()
+    req = JudgeRequest(context="x", a="1", b="2", mode="fast")
+
+    def fast(a_first: bool, probs: dict[str, float]) -> OrderResult:
+        winner = max(probs, key=probs.__getitem__)
+        return OrderResult(a_first=a_first, status="ok", winner=winner, probs=probs,
+                           p_a=probs["a"] + 0.5 * probs["tie"])
+
+    v = g.combine(req, [fast(True, {"a": 0.9, "b": 0.08, "tie": 0.02}),
+                        fast(False, {"a": 0.3, "b": 0.65, "tie": 0.05})])
+    assert v.verdict == "a" and v.consistent is False
+    assert v.p_a == pytest.approx((0.91 + 0.325) / 2)
+    v = g.combine(req, [fast(True, {"a": 0.2, "b": 0.2, "tie": 0.6}), fast(False, {"a": 0.3, "b": 0.2, "tie": 0.5})])
+    assert v.verdict == "tie" and v.consistent is True
+
+
 def test_one_failed_order_makes_the_pair_an_error_not_a_default():
     g = _genrm_without_engine()
     bad = OrderResult(a_first=False, status="error", error="judge output is not JSON")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from her_roleplay._format import coser_to_her
-from her_roleplay._validate import FINDING_CODES, validate_reply
+from her_roleplay._validate import FINDING_CODES, find_repeated_patterns, validate_reply
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "coser_test_sample_pride_and_prejudice.json"
 RAW = json.loads(FIXTURE.read_text(encoding="utf-8"))
@@ -125,6 +125,48 @@ CASES = [
         {},
     ),
     ("empty_reply", "", "Oh.", {}),
+    (
+        "action_first_person",
+        "<role_action>I draw my sword</role_action>Stand back.",
+        "<role_action>draws his sword</role_action>Stand back.",
+        {},
+    ),
+    (
+        "action_first_person",
+        "<role_action>takes our hands</role_action>Come.",
+        '<role_action>mouths "I am sorry"</role_action>Come.',
+        {},
+    ),
+    (
+        "whitespace_between_tags",
+        "<role_thinking>I wait.</role_thinking>\n<role_action>bows</role_action>Sir.",
+        "<role_thinking>I wait.</role_thinking><role_action>bows</role_action> Sir.\n",
+        {},
+    ),
+    (
+        "whitespace_between_tags",
+        plan("Portray her as calm.").replace("Yes.", " <role_action>nods</role_action>"),
+        plan("Portray her as calm.").replace("Yes.", "<role_action>nods</role_action>"),
+        {},
+    ),
+    (
+        "repeated_adjacent_tag",
+        "<role_action>bows</role_action><role_action>smiles</role_action>Sir.",
+        "<role_action>bows and smiles</role_action>Sir.",
+        {},
+    ),
+    (
+        "repeated_adjacent_tag",
+        rt("I wait.", rt("I still wait.", "Yes.")),
+        rt("I wait.", "Yes." + rt("I still wait.", "")),
+        {},
+    ),
+    (
+        "reply_too_long",
+        rt("I think a great deal here, more words than the bound.", "one two three four five six"),
+        rt("I think a great deal here, more words than the bound.", "<role_action>nods</role_action>one two three"),
+        {"max_visible_words": 5},
+    ),
 ]
 
 
@@ -138,7 +180,8 @@ def test_each_code_fails_and_passes(code: str, bad: str, good: str, kwargs: dict
 
 
 def test_every_code_is_documented_and_exercised() -> None:
-    assert {case[0] for case in CASES} == set(FINDING_CODES)
+    # repeated_turn_pattern is about a sequence of replies: see the find_repeated_patterns tests
+    assert {case[0] for case in CASES} | {"repeated_turn_pattern"} == set(FINDING_CODES)
     assert all(desc and "\n" not in desc for desc in FINDING_CODES.values())
 
 
@@ -265,3 +308,50 @@ def test_validator_never_raises(text: str) -> None:
     assert {f.code for f in findings} <= set(FINDING_CODES)
     assert all(0 <= f.span[0] <= f.span[1] <= len(text) for f in findings)
     assert findings == sorted(findings, key=lambda f: (f.span, f.code))
+
+
+def test_new_layout_rules_spans_and_codes() -> None:
+    text = "<role_action>I bow</role_action>  <role_action>smiles</role_action>Sir."
+    findings = validate_reply(text)
+    assert [f.code for f in findings] == ["action_first_person", "repeated_adjacent_tag", "whitespace_between_tags"]
+    spans = {f.code: text[f.span[0] : f.span[1]] for f in findings}
+    assert spans["action_first_person"] == "I"
+    assert spans["whitespace_between_tags"] == "  "
+    assert spans["repeated_adjacent_tag"].startswith("I bow") and spans["repeated_adjacent_tag"].endswith("smiles")
+
+
+def test_reply_length_counts_only_visible_words() -> None:
+    long_thought = rt("I " + "ponder " * 50, "<role_action>nods</role_action>Yes, sir.")
+    assert validate_reply(long_thought, max_visible_words=3) == []
+    found = validate_reply(long_thought, max_visible_words=2)
+    assert [f.code for f in found] == ["reply_too_long"] and "3 visible words" in found[0].message
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_visible_words"):
+            validate_reply("Hi.", max_visible_words=bad)  # type: ignore[arg-type]
+
+
+def test_repeated_turn_pattern_needs_same_shape_and_same_opening() -> None:
+    first = rt("I must keep calm here.", "<role_action>bows</role_action>Sir.")
+    same = "<system_thinking>Portray her.</system_thinking>" + rt(
+        "I must keep my temper.", "<role_action>nods</role_action>No."
+    )
+    other_shape = rt("I must keep my temper.", "No.")
+    other_opening = rt("Why does he smile so?", "<role_action>nods</role_action>No.")
+    found = find_repeated_patterns([first, same, other_shape, other_opening])
+    assert [(i, f.code) for i, f in found] == [(1, "repeated_turn_pattern")]
+    span = found[0][1].span
+    assert same[span[0] : span[1]] == "I must keep my temper."
+    # a short first segment is no evidence of a template; separated repeats are not consecutive
+    assert find_repeated_patterns(["Yes.", "Yes."]) == []
+    assert find_repeated_patterns([first, other_opening, first]) == []
+    assert find_repeated_patterns([first, first], opening_words=1)[0][0] == 1
+    assert find_repeated_patterns([]) == [] and find_repeated_patterns([first]) == []
+
+
+def test_repeated_turn_pattern_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="sequence"):
+        find_repeated_patterns("Yes.")
+    with pytest.raises(TypeError, match="str"):
+        find_repeated_patterns(["Yes.", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="opening_words"):
+        find_repeated_patterns(["Yes."], opening_words=0)

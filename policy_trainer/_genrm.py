@@ -1,0 +1,259 @@
+"""`her train genrm`: fine-tune a judge on labelled pairs with TRL's SFTTrainer.
+
+    result = GenRMRun(GenRMRunConfig.from_yaml("policy_trainer/configs/genrm_cpu.yaml")).train()
+
+Sections: ``model`` (:class:`ModelSpec`), ``data`` (:class:`GenRMDataSpec`), ``lora`` (optional,
+:class:`LoraSpec`), ``sft`` (keyword arguments of ``trl.SFTConfig``) and top-level ``deepspeed``,
+as for the policy trainers (the same accelerate/DeepSpeed files apply).
+
+Each labelled pair becomes judge prompts built by the judge's own prompt builder (the short
+trained-judge prompt, no principle list) with the answer as the completion: the cot JSON and/or the
+fast verdict token, in both presentation orders. The output folder is a complete model folder
+(LoRA weights merged) with a judge card, so ``her serve --model DIR`` serves it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._setup import (
+    ConfigError,
+    ModelSpec,
+    TrainResult,
+    build_model_and_tokenizer,
+    check_deepspeed_file,
+    check_keys,
+    check_trainer_section,
+    dataclass_from,
+    ensure_single_process_env,
+    load_yaml,
+    resolve_path,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenRMDataSpec", "GenRMRun", "GenRMRunConfig", "LoraSpec"]
+
+_TOP_KEYS = {"model", "data", "lora", "train_layers", "sft", "deepspeed"}
+_MODES = ("cot", "fast")
+
+
+@dataclass
+class GenRMDataSpec:
+    pairs: list[str] = field(default_factory=list)
+    """Labelled pair files (jsonl of ``her_genrm.LabelledPair``: `her build negatives` / `her build teacher-pairs`)."""
+    modes: list[str] = field(default_factory=lambda: list(_MODES))
+    """Answers to train: ``cot`` (JSON with comparisons) and/or ``fast`` (the verdict token)."""
+    swap: bool = True
+    """Both presentation orders of every pair (keeps position bias out of the data)."""
+    principles: str | None = None
+    """Principle library file (None: the bundled one); its ids are what cot answers may name."""
+    limit: int | None = None
+    """Use at most this many pairs (a seeded random subset)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise ConfigError("data.pairs is empty: name at least one labelled pair file")
+        bad = [m for m in self.modes if m not in _MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"data.modes={self.modes}; expected a non-empty subset of {list(_MODES)}")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters instead of full fine-tuning (merged into the weights when saving)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class GenRMRunConfig:
+    model: ModelSpec
+    data: GenRMDataSpec
+    sft: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``trl.SFTConfig``."""
+    lora: LoraSpec | None = None
+    train_layers: int | None = None
+    """Train only the top N decoder layers and the final norm (None: all weights). The backward pass
+    then stops N layers deep: on CPU, several times cheaper per example. Not combined with LoRA."""
+    deepspeed: str | None = None
+    base_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        from trl import SFTConfig
+
+        if self.train_layers is not None and (self.train_layers < 1 or self.lora is not None):
+            raise ConfigError(f"train_layers={self.train_layers}: give a positive number of top layers, "
+                              "and not together with lora (LoRA already trains a small part)")
+
+        check_trainer_section("sft", self.sft, SFTConfig)
+        if self.sft.get("completion_only_loss") is False:
+            raise ConfigError("sft.completion_only_loss=false would train the judge to write the prompt; "
+                              "drop the key")
+        check_deepspeed_file(self.deepspeed, self.base_dir)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> GenRMRunConfig:
+        check_keys("top level", raw, _TOP_KEYS)
+        for required in ("model", "data", "sft"):
+            if required not in raw:
+                raise ConfigError(f"the config has no {required!r} section")
+        return cls(
+            model=dataclass_from(ModelSpec, "model", raw["model"]),
+            data=dataclass_from(GenRMDataSpec, "data", raw["data"]),
+            sft=dict(raw["sft"] or {}),
+            lora=dataclass_from(LoraSpec, "lora", raw["lora"]) if raw.get("lora") else None,
+            train_layers=raw.get("train_layers"),
+            deepspeed=raw.get("deepspeed"),
+            base_dir=base_dir,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None,
+                  pairs: list[str] | None = None) -> GenRMRunConfig:
+        path = Path(path)
+        raw = load_yaml(path)
+        raw["sft"] = dict(raw.get("sft") or {})
+        if output_dir is not None:
+            raw["sft"]["output_dir"] = output_dir
+        if max_steps is not None:
+            raw["sft"]["max_steps"] = max_steps
+        base_dir = path.resolve().parent
+        if pairs:
+            # command-line files count from the working directory, not the YAML's folder
+            raw["data"] = {**(raw.get("data") or {}), "pairs": [str(Path(p).resolve()) for p in pairs]}
+        return cls.from_dict(raw, base_dir=base_dir)
+
+    def trl_args(self) -> Any:
+        from trl import SFTConfig
+
+        kwargs = {"max_length": None, **self.sft, "completion_only_loss": True}
+        if self.deepspeed is not None:
+            kwargs["deepspeed"] = str(resolve_path(self.deepspeed, self.base_dir))
+        try:
+            return SFTConfig(**kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"section 'sft': {exc}") from exc
+
+
+def _train_top_layers(model: Any, n: int) -> None:
+    layers = model.model.layers
+    if n > len(layers):
+        raise ConfigError(f"train_layers={n} but the model has {len(layers)} layers")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in [*layers[-n:], model.model.norm]:
+        for param in module.parameters():
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("training the top %d of %d layers: %.1fM of %.1fM parameters", n, len(layers), trainable / 1e6,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def read_pairs(paths: Iterable[str | Path]) -> list[Any]:
+    """Labelled pairs from jsonl files; ConfigError naming the file and line of a bad record."""
+    from pydantic import ValidationError
+
+    from her_genrm import LabelledPair
+
+    pairs = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"labelled pair file {path} does not exist")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append(LabelledPair.model_validate_json(line))
+            except ValidationError as exc:
+                raise ConfigError(f"{path}:{n} is not a labelled pair: {exc.errors()[0]['msg']} "
+                                  f"at {exc.errors()[0]['loc']}") from None
+    return pairs
+
+
+class GenRMRun:
+    """Builds the SFTTrainer of a :class:`GenRMRunConfig` and runs it (``self.trainer`` after :meth:`build`)."""
+
+    def __init__(self, config: GenRMRunConfig, *, callbacks: Iterable[Any] = ()) -> None:
+        self.config = config
+        self._callbacks = list(callbacks)
+        self.trainer: Any = None
+        self.pairs = 0
+        self.library: Any = None
+
+    def _dataset(self) -> Any:
+        from datasets import Dataset
+
+        from her_genrm import CompactTemplate, training_rows
+        from her_roleplay import PrincipleLibrary, default_library
+
+        spec = self.config.data
+        pairs = read_pairs(resolve_path(p, self.config.base_dir) for p in spec.pairs)
+        if spec.limit is not None and len(pairs) > spec.limit:
+            pairs = random.Random(spec.seed).sample(pairs, spec.limit)
+        if not pairs:
+            raise ConfigError(f"no labelled pairs in {spec.pairs}")
+        self.pairs = len(pairs)
+        self.library = (PrincipleLibrary.load(resolve_path(spec.principles, self.config.base_dir))
+                        if spec.principles else default_library())
+        template = CompactTemplate(self.library, principle_detail="none")
+        try:
+            rows = training_rows(pairs, template, modes=spec.modes, swap=spec.swap)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        random.Random(spec.seed).shuffle(rows)
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+    def build(self) -> Any:
+        if self.trainer is not None:
+            return self.trainer
+        from trl import SFTTrainer
+
+        cfg = self.config
+        if cfg.deepspeed is not None:
+            ensure_single_process_env()
+        args = cfg.trl_args()
+        dataset = self._dataset()
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
+        if cfg.train_layers is not None:
+            _train_top_layers(model, cfg.train_layers)
+        peft_config = None
+        if cfg.lora is not None:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        self.trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
+                                  peft_config=peft_config, callbacks=self._callbacks)
+        return self.trainer
+
+    def train(self) -> TrainResult:
+        from her_genrm import JudgeCard
+
+        trainer = self.build()
+        trainer.train()
+        out = Path(trainer.args.output_dir)
+        model = trainer.model
+        if self.config.lora is not None:
+            model = model.merge_and_unload()  # a plain model folder: vLLM and transformers load it as is
+        model.save_pretrained(out)
+        trainer.processing_class.save_pretrained(out)
+        base = self.config.model.name_or_path or "tiny_random"
+        JudgeCard(principle_detail="none", principle_set_hash=self.library.version, base_model=str(base),
+                  modes=list(self.config.data.modes), train_pairs=self.pairs).write(out)
+        result = TrainResult.of(trainer, pairs=self.pairs, examples=len(trainer.train_dataset))
+        result.write()
+        (out / "judge_training.json").write_text(json.dumps({"pairs": self.pairs, "modes": self.config.data.modes,
+                                                            "swap": self.config.data.swap}) + "\n")
+        return result

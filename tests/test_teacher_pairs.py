@@ -1,0 +1,30 @@
+"""Teacher-labelled pairs with the real bundled model as both policy and teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_builder._books import load_book
+from data_builder._teacher_pairs import MIN_TEACHER_COMPARISONS, teacher_pairs
+from her_genrm import GenRM, GenRMConfig
+
+COSER = Path(__file__).resolve().parent / "data" / "coser"
+
+pytestmark = pytest.mark.model
+
+
+async def test_policy_samples_judged_by_a_teacher_that_sees_the_library(engine):
+    scene = load_book(COSER / "book_othello.json")[0]
+    teacher = GenRM(engine, config=GenRMConfig(principle_detail="definition"))
+    assert "mind_reading (neg, sentence):" in teacher.compact.system_text  # definitions in its prompt
+    kept, dropped = await teacher_pairs([scene], engine, teacher, turns_per_scene=2, max_tokens=48, seed=3)
+    # every sampled turn is accounted for: kept, or dropped with a reason
+    assert len(kept) + sum(dropped.values()) == 2
+    for pair in kept:
+        assert pair.source == "teacher" and pair.scene_id == scene.sample_id
+        assert pair.a != pair.b and pair.label in ("a", "b", "tie")
+        assert len({c.principle for c in pair.comparisons}) >= MIN_TEACHER_COMPARISONS
+        assert pair.pattern in ("all_a", "all_b", "mixed", "tie")
+        assert pair.context.endswith(f"Next turn: {pair.character}")

@@ -1,0 +1,117 @@
+"""`her train genrm`: a few real steps on the bundled model, and the folder served as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from data_builder._books import load_book
+from data_builder._negatives import hard_negatives
+from her_genrm import JUDGE_CARD_FILE, CompactTemplate, read_judge_card
+from her_roleplay import default_library
+from policy_trainer._genrm import GenRMRun, GenRMRunConfig
+from policy_trainer._setup import ConfigError
+
+COSER = Path(__file__).resolve().parent / "data" / "coser"
+
+
+def _pairs_file(tmp_path: Path, n: int) -> Path:
+    pairs = hard_negatives(load_book(COSER / "book_othello.json")[:2], per_turn=1, seed=0)[:n]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(p.model_dump_json() + "\n" for p in pairs), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path: Path, pairs: Path, **overrides) -> GenRMRunConfig:
+    raw = {
+        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "data": {"pairs": [str(pairs)], "modes": ["fast", "cot"]},
+        "sft": {"output_dir": str(tmp_path / "judge"), "use_cpu": True, "max_steps": 2,
+                "per_device_train_batch_size": 2, "learning_rate": 1e-4, "save_strategy": "no",
+                "report_to": [], "logging_steps": 1},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return GenRMRunConfig.from_dict(raw)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    pairs = _pairs_file(tmp_path, 2)
+    with pytest.raises(ConfigError, match="data.modes"):
+        _config(tmp_path, pairs, data={"modes": ["verbose"]})
+    with pytest.raises(ConfigError, match="does not exist"):
+        GenRMRun(_config(tmp_path, tmp_path / "missing.jsonl")).build()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "context": "c", "a": "a", "b": "b", "label": "left", "source": "teacher"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1 .*label"):
+        GenRMRun(_config(tmp_path, bad)).build()
+
+
+@pytest.mark.model
+def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
+    """LoRA on a tiny random Llama: the adapters are merged, so the folder loads without peft."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tmp_path, _pairs_file(tmp_path, 4),
+                     model={"name_or_path": None, "tiny_random": {"hidden_size": 32}, "tokenizer": "smollm2-135m-instruct"},
+                     lora={"r": 4, "alpha": 8}, sft={"max_steps": 1})
+    result = GenRMRun(config).train()
+    out = Path(result.output_dir)
+    assert result.global_step == 1
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert read_judge_card(out).principle_detail == "none"
+
+
+@pytest.mark.model
+def test_few_steps_make_a_folder_the_service_serves(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from _openai_server import ServerProcess, free_port
+    from her_engines import ensure_hf_folder
+
+    pairs = _pairs_file(tmp_path, 4)
+    result = GenRMRun(_config(tmp_path, pairs)).train()
+    out = Path(result.output_dir)
+    assert result.global_step == 2 and result.extra["pairs"] == 4
+    assert result.extra["examples"] == 4 * 2 * 2  # both orders x (fast + cot)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses and all(v == v for v in losses)  # logged and finite
+    # the weights moved
+    base = load_file(str(ensure_hf_folder("smollm2-135m-instruct") / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[name], trained[name])
+    card = json.loads((out / JUDGE_CARD_FILE).read_text())
+    assert card["principle_detail"] == "none" and card["train_pairs"] == 4
+
+    # `her serve --model DIR` serves it as it is, with the trained judge's short prompt
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
+    env.update(RM_KV_CACHE_GIB="1", RM_MAX_WAIT_MS="5")
+    her = str(Path(sys.executable).with_name("her"))
+    server = ServerProcess([her, "serve", "--port", str(port), "--model", str(out)], port, ready_path="/readyz",
+                           startup_timeout=300, env=env)
+    server.start()
+    try:
+        info = httpx.get(f"{server.base_url}/v1/info", timeout=10).json()
+        trained_prompt = CompactTemplate(default_library(), principle_detail="none")
+        assert info["templates"]["compact"] == trained_prompt.template_hash
+        pair = json.loads(pairs.read_text().splitlines()[0])
+        for mode in ("fast", "cot"):
+            body = {"context": pair["context"], "a": pair["a"], "b": pair["b"], "mode": mode}
+            verdict = httpx.post(f"{server.base_url}/v1/judge", json=body, timeout=300).json()
+            assert verdict["status"] == "ok", verdict
+            assert verdict["verdict"] in ("a", "b", "tie") and 0.0 <= verdict["p_a"] <= 1.0
+            if mode == "cot":
+                assert len(verdict["comparisons"]) >= 3
+    finally:
+        left = server.terminate_gracefully()
+    assert not left
