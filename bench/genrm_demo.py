@@ -1,7 +1,7 @@
 """HER's loop on this CPU: build labelled pairs from two CoSER books, train the bundled 135M model as a
 judge on one book, and measure agreement on the other book, base vs trained, in one `her eval judge` run.
 
-    .venv/bin/python bench/genrm_demo.py                 # the full demonstration (about 45 min here)
+    .venv/bin/python bench/genrm_demo.py                 # the full demonstration (about 50 min here)
     .venv/bin/python bench/genrm_demo.py --quick         # a few steps: checks the pipeline, not the figure
 
 Every stage runs the real command a user would type (`her build ...`, `her train genrm`, `her eval judge`);
@@ -53,9 +53,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "genrm_demo"))
     parser.add_argument("--quick", action="store_true", help="a few training steps and pairs (pipeline check)")
-    parser.add_argument("--train-pairs-per-turn", type=int, default=4)
-    parser.add_argument("--heldout-limit", type=int, default=200)
-    parser.add_argument("--synth-scenes", type=int, default=2)
+    parser.add_argument("--train-pairs-per-turn", type=int, default=3)
+    parser.add_argument("--heldout-limit", type=int, default=150)
+    parser.add_argument("--synth-scenes", type=int, default=1)
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -68,13 +68,13 @@ def main() -> int:
 
     run("synth", ["build", "synth", "--sources", lear, "--out", str(out / "synth"),
                   "--stages", "role_thinking,system_thinking",
-                  "--limit-scenes", str(1 if args.quick else args.synth_scenes)], timings)
+                  "--limit-scenes", str(args.synth_scenes), "--max-lines", str(4 if args.quick else 8)], timings)
     per_turn = 1 if args.quick else args.train_pairs_per_turn
     run("pairs", ["build", "negatives", "--sources", lear, othello, "--exclude", test_set, "--books", "King Lear",
                   "--per-turn", str(per_turn), "--out", str(out / "train_pairs.jsonl")], timings)
     run("heldout", ["build", "negatives", "--sources", lear, othello, "--exclude", test_set, "--books", "Othello",
                     "--per-turn", "2", "--seed", "1", "--out", str(out / "heldout_pairs.jsonl")], timings)
-    train = ["train", "genrm", "--config", str(ROOT / "policy_trainer" / "configs" / "genrm_cpu.yaml"),
+    train = ["train", "genrm", "--config", str(ROOT / "policy_trainer" / "configs" / "genrm_demo_cpu.yaml"),
              "--pairs", str(out / "train_pairs.jsonl"), "--output-dir", str(out / "judge")]
     run("train", train + (["--max-steps", "3"] if args.quick else []), timings)
     limit = 16 if args.quick else args.heldout_limit

@@ -25,7 +25,10 @@ from typing import Any
 
 from her_roleplay import ENVIRONMENT, Scene, SceneLoadError, load_scenes
 
-__all__ = ["LoadReport", "book_title_from_path", "load_book", "load_sources", "scenes_for_pairs", "turn_id"]
+__all__ = [
+    "LoadReport", "SceneKey", "book_title_from_path", "evaluation_keys", "key_of", "load_book", "load_sources",
+    "scene_key", "scenes_for_pairs", "turn_id",
+]
 
 
 @dataclass
@@ -166,13 +169,29 @@ def _lines(scene: Scene) -> Sequence[tuple[str, str]]:
     return [(d.character, d.message) for d in scene.dialogues]
 
 
+SceneKey = tuple[str, int, int]
+
+
+def scene_key(book: str, i_p: int, i_c: int) -> SceneKey:
+    """The identity of a conversation; titles compare without case or surrounding spaces."""
+    return (book.strip().casefold(), i_p, i_c)
+
+
+def key_of(scene: Scene) -> SceneKey:
+    return scene_key(scene.book, scene.i_p, scene.i_c)
+
+
+def evaluation_keys(paths: Iterable[str | Path]) -> set[SceneKey]:
+    """Keys of every scene in evaluation files (CoSER test sets, or any source ``load_sources`` reads)."""
+    return {key_of(s) for s in load_sources(paths)}
+
+
 def scenes_for_pairs(
     sources: Iterable[str | Path], *, books: Sequence[str] | None = None, exclude: Iterable[str | Path] = ()
 ) -> list[Scene]:
     """Scenes to build pairs from: `sources` kept to `books` (titles, if given), with every scene of
     the `exclude` files (evaluation sets) removed by (book, i_p, i_c)."""
-    scenes = load_sources(sources)
-    held_out = {(s.book, s.i_p, s.i_c) for path in exclude for s in load_sources([path])}
-    wanted = {b.casefold() for b in books} if books else None
-    return [s for s in scenes
-            if (s.book, s.i_p, s.i_c) not in held_out and (wanted is None or s.book.casefold() in wanted)]
+    held_out = evaluation_keys(exclude)
+    wanted = {b.strip().casefold() for b in books} if books else None
+    return [s for s in load_sources(sources)
+            if key_of(s) not in held_out and (wanted is None or key_of(s)[0] in wanted)]

@@ -29,14 +29,14 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from her_roleplay import ENVIRONMENT, CharacterSample, Scene, build_character_samples, strip_system_thinking
 
-from ._books import LoadReport, load_sources, turn_id
+from ._books import LoadReport, SceneKey, evaluation_keys, key_of, load_sources, scene_key, turn_id
 
 __all__ = [
     "SPLITS",
@@ -60,16 +60,6 @@ SPLITS = ("train", "validation", "test")
 VERL_DATA_SOURCE = "her/roleplay"
 """``data_source`` of the verl rows: verl groups its metrics by it."""
 
-SceneKey = tuple[str, int, int]
-
-
-def scene_key(book: str, i_p: int, i_c: int) -> SceneKey:
-    """The identity of a conversation; titles compare without case or surrounding spaces."""
-    return (book.strip().casefold(), i_p, i_c)
-
-
-def _key_of(scene: Scene) -> SceneKey:
-    return scene_key(scene.book, scene.i_p, scene.i_c)
 
 
 # --- samples -------------------------------------------------------------------------------------
@@ -190,11 +180,6 @@ class SplitConfig:
 # --- the whole build -----------------------------------------------------------------------------
 
 
-def evaluation_keys(paths: Iterable[str | Path]) -> set[SceneKey]:
-    """Keys of every scene in evaluation files (CoSER test sets, or any source ``load_sources`` reads)."""
-    return {_key_of(s) for s in load_sources(paths)}
-
-
 @dataclass
 class PolicyData:
     """Samples per split and what was left out on the way."""
@@ -221,7 +206,7 @@ def build_policy_data(
         raise ValueError(f"holdout book(s) {missing} match no scene; the sources hold {sorted(books.values())}")
     data = PolicyData(splits={s: [] for s in SPLITS})
     for scene in scenes:
-        key = _key_of(scene)
+        key = key_of(scene)
         if key in exclude:
             data.excluded.append((scene.book, scene.i_p, scene.i_c))
             continue

@@ -120,6 +120,7 @@ def add_teacher_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], help="evaluation scene files to leave out")
     parser.add_argument("--turns-per-scene", type=int, default=None, help="cap turns sampled per scene")
     parser.add_argument("--temperature", type=float, default=0.9, help="policy sampling temperature")
+    parser.add_argument("--max-tokens", type=int, default=160, help="longest candidate the policy may write")
     parser.add_argument("--total", type=int, default=None, 
                         help="pairs to keep after mixing (default: all the mix allows)")
     parser.add_argument("--flip-fraction", type=float, default=0.05)
@@ -144,7 +145,8 @@ def run_teacher_pairs(args: argparse.Namespace) -> int:
     teacher = GenRM(teacher_engine, config=GenRMConfig(principle_detail="definition"))
     try:
         kept, dropped = asyncio.run(teacher_pairs(scenes, policy, teacher, turns_per_scene=args.turns_per_scene,
-                                                  temperature=args.temperature, seed=args.seed))
+                                                  temperature=args.temperature, max_tokens=args.max_tokens,
+                                                  seed=args.seed))
     finally:
         for engine in {id(policy): policy, id(teacher_engine): teacher_engine}.values():
             asyncio.run(engine.aclose())

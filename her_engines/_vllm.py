@@ -166,6 +166,12 @@ class VLLMEngine:
         if llm is not None:
             llm.shutdown()  # ends EngineCore and its workers, waiting for them
         if self._thread.is_alive():
+            # let vLLM's own background tasks finish cancelling before the loop stops, so none is
+            # destroyed pending (asyncio logs each one as an error at exit)
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - shutdown goes on whatever a task did
+                log.debug("tasks of the vLLM loop did not finish cancelling", exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
 
@@ -266,6 +272,13 @@ def _local_path(model: str) -> str:
 
         return str(ensure_hf_folder(model))
     return model
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _render(tokenizer: Any, req: GenRequest) -> Any:

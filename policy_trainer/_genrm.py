@@ -32,8 +32,9 @@ from ._setup import (
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
-    load_yaml,
+    load_run_yaml,
     resolve_path,
+    sft_config,
 )
 
 log = logging.getLogger(__name__)
@@ -121,29 +122,14 @@ class GenRMRunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None,
                   pairs: list[str] | None = None) -> GenRMRunConfig:
-        path = Path(path)
-        raw = load_yaml(path)
-        raw["sft"] = dict(raw.get("sft") or {})
-        if output_dir is not None:
-            raw["sft"]["output_dir"] = output_dir
-        if max_steps is not None:
-            raw["sft"]["max_steps"] = max_steps
-        base_dir = path.resolve().parent
+        raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps)
         if pairs:
             # command-line files count from the working directory, not the YAML's folder
             raw["data"] = {**(raw.get("data") or {}), "pairs": [str(Path(p).resolve()) for p in pairs]}
         return cls.from_dict(raw, base_dir=base_dir)
 
     def trl_args(self) -> Any:
-        from trl import SFTConfig
-
-        kwargs = {"max_length": None, **self.sft, "completion_only_loss": True}
-        if self.deepspeed is not None:
-            kwargs["deepspeed"] = str(resolve_path(self.deepspeed, self.base_dir))
-        try:
-            return SFTConfig(**kwargs)
-        except ValueError as exc:
-            raise ConfigError(f"section 'sft': {exc}") from exc
+        return sft_config(self.sft, self.deepspeed, self.base_dir)
 
 
 def _train_top_layers(model: Any, n: int) -> None:

@@ -41,7 +41,7 @@ from ._setup import (
     dataclass_from,
     ensure_single_process_env,
     init_fields,
-    load_yaml,
+    load_run_yaml,
     resolve_path,
 )
 
@@ -189,16 +189,10 @@ class GRPORunConfig:
         max_steps: int | None = None,
     ) -> GRPORunConfig:
         """Load a YAML file; the keyword arguments override the file (the CLI flags)."""
-        path = Path(path)
-        raw = load_yaml(path)
-        raw["grpo"] = dict(raw.get("grpo") or {})
+        raw, base_dir = load_run_yaml(path, "grpo", output_dir=output_dir, max_steps=max_steps)
         if reward_url is not None:
             raw["reward"] = {**(raw.get("reward") or {}), "url": reward_url}
-        if output_dir is not None:
-            raw["grpo"]["output_dir"] = output_dir
-        if max_steps is not None:
-            raw["grpo"]["max_steps"] = max_steps
-        return cls.from_dict(raw, base_dir=path.resolve().parent)
+        return cls.from_dict(raw, base_dir=base_dir)
 
     def deepspeed_path(self) -> Path:
         if self.deepspeed is None:

@@ -60,6 +60,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = None,
+                  max_steps: int | None = None) -> tuple[dict[str, Any], Path]:
+    """(raw config, its folder) with the CLI's --output-dir / --max-steps applied to the trainer section."""
+    path = Path(path)
+    raw = load_yaml(path)
+    raw[section] = dict(raw.get(section) or {})
+    if output_dir is not None:
+        raw[section]["output_dir"] = output_dir
+    if max_steps is not None:
+        raw[section]["max_steps"] = max_steps
+    return raw, path.resolve().parent
+
+
+def sft_config(sft: Mapping[str, Any], deepspeed: str | None, base_dir: Path | None) -> Any:
+    """``trl.SFTConfig`` for a completion-only run: the loss on the completion alone, no truncation by
+    default (a cut from the end would remove exactly the trained text), DeepSpeed resolved from the YAML."""
+    from trl import SFTConfig
+
+    kwargs = {"max_length": None, **sft, "completion_only_loss": True}
+    if deepspeed is not None:
+        kwargs["deepspeed"] = str(resolve_path(deepspeed, base_dir))
+    try:
+        return SFTConfig(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"section 'sft': {exc}") from exc
+
+
 def resolve_path(value: str | Path, base: Path | None) -> Path:
     """`value` as a path; relative paths count from `base` (the YAML file's folder) when given."""
     path = Path(value).expanduser()

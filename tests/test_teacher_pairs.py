@@ -28,3 +28,25 @@ async def test_policy_samples_judged_by_a_teacher_that_sees_the_library(engine):
         assert len({c.principle for c in pair.comparisons}) >= MIN_TEACHER_COMPARISONS
         assert pair.pattern in ("all_a", "all_b", "mixed", "tie")
         assert pair.context.endswith(f"Next turn: {pair.character}")
+
+
+def test_teacher_pairs_command_writes_judged_and_mixed_files(tmp_path):
+    """The README's command end to end (its own vLLM engine, one model for both roles)."""
+    import json
+    import subprocess
+    import sys
+
+    her = Path(sys.executable).with_name("her")
+    out = tmp_path / "teacher"
+    done = subprocess.run(
+        [str(her), "build", "teacher-pairs", "--sources", str(COSER / "example_test_set.json"), "--books", "Othello",
+         "--turns-per-scene", "2", "--max-tokens", "40",
+         "--policy-kv-cache-gib", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    # the one Othello scene of the test file, two turns: each kept, or dropped with a reason
+    assert summary["kept"] + sum(summary["dropped"].values()) == 2, summary
+    judged = (out / "judged.jsonl").read_text().splitlines()
+    assert len(judged) == summary["kept"]
+    assert done.returncode == (0 if summary["kept"] else 1), done.stderr[-2000:]
+    assert (out / "pairs.jsonl").exists()

@@ -58,7 +58,8 @@ def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = _config(tmp_path, _pairs_file(tmp_path, 4),
-                     model={"name_or_path": None, "tiny_random": {"hidden_size": 32}, "tokenizer": "smollm2-135m-instruct"},
+                     model={"name_or_path": None, "tiny_random": {"hidden_size": 32},
+                            "tokenizer": "smollm2-135m-instruct"},
                      lora={"r": 4, "alpha": 8}, sft={"max_steps": 1})
     result = GenRMRun(config).train()
     out = Path(result.output_dir)
@@ -71,24 +72,33 @@ def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
 
 @pytest.mark.model
 def test_few_steps_make_a_folder_the_service_serves(tmp_path):
+    """The README's `her train genrm` with the shipped CPU config, then `her serve --model DIR`."""
+    import subprocess
+
     import torch
+    from _openai_server import ServerProcess, free_port
     from safetensors.torch import load_file
 
-    from _openai_server import ServerProcess, free_port
     from her_engines import ensure_hf_folder
 
     pairs = _pairs_file(tmp_path, 4)
-    result = GenRMRun(_config(tmp_path, pairs)).train()
-    out = Path(result.output_dir)
-    assert result.global_step == 2 and result.extra["pairs"] == 4
-    assert result.extra["examples"] == 4 * 2 * 2  # both orders x (fast + cot)
-    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    out = tmp_path / "judge"
+    her = str(Path(sys.executable).with_name("her"))
+    done = subprocess.run([her, "train", "genrm", "--config", "policy_trainer/configs/genrm_cpu.yaml",
+                           "--pairs", str(pairs), "--output-dir", str(out), "--max-steps", "2"],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "run_summary.json").read_text())
+    assert result["global_step"] == 2 and result["extra"]["pairs"] == 4
+    assert result["extra"]["examples"] == 4 * 2 * 2  # both orders x (fast + cot)
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert losses and all(v == v for v in losses)  # logged and finite
-    # the weights moved
+    # the top layers moved, the frozen bottom ones did not (train_layers: 8 in the CPU config)
     base = load_file(str(ensure_hf_folder("smollm2-135m-instruct") / "model.safetensors"))
     trained = load_file(str(out / "model.safetensors"))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(base[name], trained[name])
+    top, bottom = "model.layers.29.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[top], trained[top])
+    assert torch.equal(base[bottom], trained[bottom])
     card = json.loads((out / JUDGE_CARD_FILE).read_text())
     assert card["principle_detail"] == "none" and card["train_pairs"] == 4
 
