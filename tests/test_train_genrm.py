@@ -91,8 +91,8 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     result = json.loads((out / "run_summary.json").read_text())
     assert result["global_step"] == 2 and result["extra"]["pairs"] == 4
     assert result["extra"]["examples"] == 4 * 2 * 2  # both orders x (fast + cot)
-    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
-    assert losses and all(v == v for v in losses)  # logged and finite
+    train_loss = result["log_history"][-1]["train_loss"]  # the run's summary entry
+    assert 0.0 < train_loss < float("inf")
     # the top layers moved, the frozen bottom ones did not (train_layers: 8 in the CPU config)
     base = load_file(str(ensure_hf_folder("smollm2-135m-instruct") / "model.safetensors"))
     trained = load_file(str(out / "model.safetensors"))
