@@ -28,7 +28,7 @@ from ._setup import (
     TrainResult,
     build_model_and_tokenizer,
     check_deepspeed_file,
-    check_keys,
+    check_top_level,
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
@@ -105,10 +105,7 @@ class GenRMRunConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> GenRMRunConfig:
-        check_keys("top level", raw, _TOP_KEYS)
-        for required in ("model", "data", "sft"):
-            if required not in raw:
-                raise ConfigError(f"the config has no {required!r} section")
+        check_top_level(raw, _TOP_KEYS, "sft")
         return cls(
             model=dataclass_from(ModelSpec, "model", raw["model"]),
             data=dataclass_from(GenRMDataSpec, "data", raw["data"]),

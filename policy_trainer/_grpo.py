@@ -37,6 +37,7 @@ from ._setup import (
     build_model_and_tokenizer,
     check_deepspeed_file,
     check_keys,
+    check_top_level,
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
@@ -162,10 +163,7 @@ class GRPORunConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> GRPORunConfig:
-        check_keys("top level", raw, _TOP_KEYS)
-        for required in ("model", "data", "grpo"):
-            if required not in raw:
-                raise ConfigError(f"the config has no {required!r} section")
+        check_top_level(raw, _TOP_KEYS, "grpo")
         try:
             reward = RewardClientConfig(**dict(raw.get("reward") or {}))
         except TypeError as exc:

@@ -106,6 +106,14 @@ def check_keys(section: str, given: Mapping[str, Any], allowed: set[str] | list[
         raise ConfigError(f"unknown key(s) in section {section!r}: {', '.join(hints)}")
 
 
+def check_top_level(raw: Mapping[str, Any], allowed: set[str], trainer_section: str) -> None:
+    """Unknown top-level keys (with hints), and the model, data and trainer sections present."""
+    check_keys("top level", raw, allowed)
+    for required in ("model", "data", trainer_section):
+        if required not in raw:
+            raise ConfigError(f"the config has no {required!r} section")
+
+
 def init_fields(cls: type) -> set[str]:
     """Names a dataclass accepts as keyword arguments."""
     return {f.name for f in dataclasses.fields(cls) if f.init}
