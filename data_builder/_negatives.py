@@ -38,7 +38,7 @@ from her_roleplay import (
     Reply,
     Scene,
     Segment,
-    coser_to_her,
+    as_her,
     parse_reply,
     public_view,
     render_her,
@@ -242,15 +242,11 @@ def judge_context(scene: Scene, index: int, speaker: str, lines: int = CONTEXT_L
         scenario = scenario[:_SCENARIO_CHARS].rsplit(" ", 1)[0] + " ..."
     shown = []
     for line in scene.dialogues[max(0, index - lines) : index]:
-        seen = public_view(_as_her(line.message)).strip()
+        seen = public_view(as_her(line.message)).strip()
         if seen:
             shown.append(f"{line.character}: {seen}")
     history = "\n".join(shown) if shown else "(the conversation starts here)"
     return f"Book: {scene.book}\nScene: {scenario}\n\n{history}\n\nNext turn: {speaker}"
-
-
-def _as_her(message: str) -> str:
-    return message if "<role_" in message or "<system_thinking>" in message else coser_to_her(message)
 
 
 def turns_of(scene: Scene) -> Iterable[Turn]:
@@ -259,10 +255,10 @@ def turns_of(scene: Scene) -> Iterable[Turn]:
     for i, line in enumerate(scene.dialogues):
         if line.character == ENVIRONMENT:
             continue
-        reply, _ = parse_reply(strip_system_thinking(_as_her(line.message)))
+        reply, _ = parse_reply(strip_system_thinking(as_her(line.message)))
         if not any(s.kind in ("speech", "action") for s in reply.segments):
             continue
-        last = public_view(_as_her(scene.dialogues[i - 1].message)).strip() if i > 0 else ""
+        last = public_view(as_her(scene.dialogues[i - 1].message)).strip() if i > 0 else ""
         last_speech = re.sub(r"<role_action>.*?</role_action>", "", last).strip()
         others = tuple(n for n in cast if n.casefold() != line.character.casefold())
         yield Turn(scene, i, line.character, reply, others, last_speech or None)
@@ -287,12 +283,12 @@ def hard_negatives(
         for turn in turns_of(scene):
             rng = random.Random(f"{seed}:{scene.sample_id}:{turn.index}")
             options = rng.sample(chosen, len(chosen))
+            real = render_her(turn.reply)
             made = 0
             for corruption in options:
                 if per_turn is not None and made >= per_turn:
                     break
                 bad = corruption.edit(turn, rng)
-                real = render_her(turn.reply)
                 if bad is None or bad.strip() == real.strip():
                     continue
                 made += 1

@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from her_engines import Engine, GenRequest
 from her_genrm import GenRM, GenRMConfig, JudgeRequest, LabelledPair, pattern_of
-from her_roleplay import Scene, build_chat_prompt, strip_system_thinking
+from her_roleplay import Scene, as_her, build_chat_prompt, strip_system_thinking
 
 from ._negatives import judge_context, turns_of
 from ._pairs import MixConfig, balance
@@ -33,9 +33,7 @@ MIN_TEACHER_COMPARISONS = 3
 
 
 def _history(scene: Scene, index: int) -> list[tuple[str, str]]:
-    from ._negatives import _as_her
-
-    return [(line.character, _as_her(line.message)) for line in scene.dialogues[:index]]
+    return [(line.character, as_her(line.message)) for line in scene.dialogues[:index]]
 
 
 async def teacher_pairs(

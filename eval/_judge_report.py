@@ -86,6 +86,15 @@ def _bars(ax: Any, x: float, width: float, rates: list[dict[str, Any]], label: s
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, top + 0.01), ha="center", va="bottom", fontsize=7)
 
 
+def _save(fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> None:
+    ax.set_ylim(0, 1.18)  # room above 1.0 for the legend
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def render_judge_charts(summary: dict[str, Any], out_dir: Path) -> list[tuple[str, str]]:
     """Accuracy per judge (ok-only and errors-as-wrong) and accuracy by flaw kind; (file, title) pairs."""
     import matplotlib
@@ -103,12 +112,8 @@ def render_judge_charts(summary: dict[str, Any], out_dir: Path) -> list[tuple[st
         _bars(ax, 0.2, 0.4, [j["metrics"]["accuracy_errors_as_wrong"] for j in judges],
               "errors counted wrong", "#c44e52")
         ax.set_xticks(range(len(names)), names)
-        ax.set_ylim(0, 1.18)
-        ax.set_ylabel("accuracy (95% Wilson CI)")
-        ax.set_title(f"Judge accuracy on {summary['pairs']} labelled pairs ({summary['mode']})")
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(out_dir / ACCURACY_CHART, dpi=110)
+        _save(fig, ax, "accuracy (95% Wilson CI)",
+              f"Judge accuracy on {summary['pairs']} labelled pairs ({summary['mode']})", out_dir / ACCURACY_CHART)
         charts.append((ACCURACY_CHART, "Accuracy per judge"))
     finally:
         plt.close(fig)
@@ -122,12 +127,8 @@ def render_judge_charts(summary: dict[str, Any], out_dir: Path) -> list[tuple[st
             rates = [j["metrics"]["by_flaw_kind"].get(k, empty) for k in kinds]
             _bars(ax, -0.4 + width * (i + 0.5), width, rates, j["name"], None)
         ax.set_xticks(range(len(kinds)), kinds, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.18)
-        ax.set_ylabel("accuracy over pairs judged ok (95% CI)")
-        ax.set_title("Judge accuracy by flaw kind")
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(out_dir / FLAW_KIND_CHART, dpi=110)
+        _save(fig, ax, "accuracy over pairs judged ok (95% CI)", "Judge accuracy by flaw kind",
+              out_dir / FLAW_KIND_CHART)
         charts.append((FLAW_KIND_CHART, "Accuracy by flaw kind"))
     finally:
         plt.close(fig)

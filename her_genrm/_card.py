@@ -30,6 +30,8 @@ class JudgeCard(BaseModel):
     """Version of the principle library the judge was trained on."""
     base_model: str
     modes: list[Mode] = Field(default_factory=lambda: ["cot", "fast"])
+    swap: bool = True
+    """Trained on both presentation orders of every pair."""
     train_pairs: int = 0
 
     def write(self, folder: str | Path) -> Path:

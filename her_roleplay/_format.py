@@ -419,6 +419,14 @@ def coser_to_her(text: str) -> str:
     return render_her(parse_coser(text))
 
 
+_HER_TAG = re.compile(r"</?(?:system_thinking|role_thinking|role_action)>")
+
+
+def as_her(message: str) -> str:
+    """A dialogue message in HER tags: CoSER brackets are converted, HER text passes through."""
+    return message if _HER_TAG.search(message) else coser_to_her(message)
+
+
 def her_to_coser(text: str) -> str:
     """HER tags -> CoSER brackets; system_thinking is dropped, malformed input read best-effort."""
     return render_coser(parse_reply(text)[0])

@@ -21,14 +21,13 @@ chat keeps strict user/assistant alternation that chat templates expect.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, Field, model_validator
 
 from her_engines import ChatMessage
 
-from ._format import Reply, coser_to_her, parse_reply, public_view, render_her, strip_system_thinking
+from ._format import Reply, as_her, parse_reply, public_view, render_her, strip_system_thinking
 from ._scene import ENVIRONMENT, Scene, _same_name
 
 CONVERSATION_START = "===Conversation Start==="
@@ -38,7 +37,6 @@ REPLY_WORD_BUDGET = 60
 """Visible words (action + speech) an actor reply should stay around."""
 
 _OTHER_PROFILE_CHARS = 400  # others' profiles are context, not the focus: keep them short
-_HER_TAG = re.compile(r"</?(?:system_thinking|role_thinking|role_action)>")
 
 __all__ = [
     "CONVERSATION_START",
@@ -203,7 +201,7 @@ def build_character_samples(
 
     Raises ValueError for a ``final_system_thinking`` key that names no perspective of the scene.
     """
-    lines = [(line.character, _as_her(line.message)) for line in scene.dialogues]
+    lines = [(line.character, as_her(line.message)) for line in scene.dialogues]
     perspectives = [
         name for name in scene.cast()
         if any(_same_name(speaker, name) and _has_reply(text) for speaker, text in lines)
@@ -299,8 +297,3 @@ def _merge_own(parts: list[str]) -> str:
 def _has_reply(text: str) -> bool:
     """True when an own line says, does or thinks something beyond a hidden plan."""
     return bool(strip_system_thinking(text).strip())
-
-
-def _as_her(message: str) -> str:
-    """A dialogue message in HER tags: CoSER brackets are converted, HER text passes through."""
-    return message if _HER_TAG.search(message) else coser_to_her(message)

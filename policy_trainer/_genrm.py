@@ -14,7 +14,6 @@ fast verdict token, in both presentation orders. The output folder is a complete
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Iterable, Mapping
@@ -234,9 +233,7 @@ class GenRMRun:
         trainer.processing_class.save_pretrained(out)
         base = self.config.model.name_or_path or "tiny_random"
         JudgeCard(principle_detail="none", principle_set_hash=self.library.version, base_model=str(base),
-                  modes=list(self.config.data.modes), train_pairs=self.pairs).write(out)
+                  modes=list(self.config.data.modes), swap=self.config.data.swap, train_pairs=self.pairs).write(out)
         result = TrainResult.of(trainer, pairs=self.pairs, examples=len(trainer.train_dataset))
         result.write()
-        (out / "judge_training.json").write_text(json.dumps({"pairs": self.pairs, "modes": self.config.data.modes,
-                                                            "swap": self.config.data.swap}) + "\n")
         return result
