@@ -14,6 +14,10 @@ Definitions (a/b name the caller's candidates, never presentation slots):
   the share that picked the longer one.
 - tie rate: ok verdicts that are ties.
 - errors: pairs whose verdict has status ``error`` (unparsable output, engine failure), over all pairs.
+- calibration: over ok verdicts of pairs labelled ``a`` or ``b``, how well P(a≻b) (``p_a``) matches how
+  often ``a`` is the label: a reliability curve (equal-width bins of p_a: mean p_a against the share
+  labelled ``a``), the expected calibration error (ECE: the bins' |observed − predicted| weighted by
+  their counts) and the Brier score (mean squared error of p_a).
 """
 
 from __future__ import annotations
@@ -122,6 +126,31 @@ def error_rate(verdicts: Sequence[Verdict]) -> Rate:
     return rate(list(verdicts), lambda v: v.status != "ok" or v.verdict is None)
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict], bins: int = CALIBRATION_BINS,
+                ) -> dict[str, Any]:
+    """Reliability of P(a≻b) against the labels (see the module doc); ECE and Brier None without data."""
+    points = [(v.p_a, 1.0 if p.label == "a" else 0.0) for p, v in zip(pairs, verdicts, strict=True)
+              if v.status == "ok" and v.p_a is not None and p.label in ("a", "b")]
+    curve = []
+    for k in range(bins):
+        lo, hi = k / bins, (k + 1) / bins
+        inside = [(x, y) for x, y in points if lo <= x < hi or (k == bins - 1 and x == 1.0)]
+        if inside:
+            curve.append({"lo": lo, "hi": hi, "n": len(inside),
+                          "mean_p": sum(x for x, _ in inside) / len(inside),
+                          "observed": sum(y for _, y in inside) / len(inside)})
+    n = len(points)
+    return {
+        "n": n,
+        "ece": sum(b["n"] * abs(b["observed"] - b["mean_p"]) for b in curve) / n if n else None,
+        "brier": sum((x - y) ** 2 for x, y in points) / n if n else None,
+        "bins": curve,
+    }
+
+
 def agreement_metrics(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict]) -> dict[str, Any]:
     """Every metric of one judge on `pairs` (``verdicts[i]`` judges ``pairs[i]``), JSON-ready."""
     if len(pairs) != len(verdicts):
@@ -138,4 +167,5 @@ def agreement_metrics(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict]
         "errors": error_rate(verdicts).to_dict(),
         "by_flaw_kind": {k: r.to_dict() for k, r in accuracy_by(pairs, verdicts, lambda p: p.flaw_kind).items()},
         "by_pattern": {k: r.to_dict() for k, r in accuracy_by(pairs, verdicts, lambda p: p.pattern).items()},
+        "calibration": calibration(pairs, verdicts),
     }

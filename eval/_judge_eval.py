@@ -55,17 +55,14 @@ class JudgeSpec:
             raise ValueError(f"--judge {text!r}: expected NAME=MODEL, e.g. base=smollm2-135m-instruct")
         return cls(name.strip(), model.strip())
 
-    @property
-    def verdicts_file(self) -> str:
-        return f"verdicts_{self.name}.jsonl"
-
 
 @dataclass
 class JudgeEvalConfig:
     """One evaluation run. `engine_settings` apply to every judge; each judge's model replaces `model`."""
 
     out_dir: Path
-    mode: Mode = "fast"
+    modes: tuple[Mode, ...] = ("fast",)
+    """Each judge is evaluated in every mode while it is loaded."""
     swap: bool = True
     batch_size: int = 16
     """Pairs per `GenRM.judge` call (each is one or two engine requests)."""
@@ -78,6 +75,8 @@ class JudgeEvalConfig:
         self.out_dir = Path(self.out_dir)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct and at least one, got {self.modes}")
 
 
 def load_labelled_pairs(path: str | Path, limit: int | None = None) -> list[LabelledPair]:
@@ -175,15 +174,17 @@ async def evaluate_judges(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not config.progress) as progress:
         for spec in judges:
-            task = progress.add_task(f"judge {spec.name}: loading", total=len(pairs))
-            results.append(await _evaluate_one(spec, pairs, config, (engines or {}).get(spec.name), build,
-                                               on_start=lambda t=task, s=spec: progress.update(
-                                                   t, description=f"judge {s.name}"),
-                                               on_batch=lambda k, t=task: progress.advance(t, k)))
+            tasks = {mode: progress.add_task(f"{_entry_name(spec, mode, config)}: loading", total=len(pairs))
+                     for mode in config.modes}
+            results += await _evaluate_one(
+                spec, pairs, config, (engines or {}).get(spec.name), build,
+                on_start=lambda mode, s=spec, t=tasks: progress.update(
+                    t[mode], description=_entry_name(s, mode, config)),
+                on_batch=lambda mode, k, t=tasks: progress.advance(t[mode], k))
     summary = {
         "pairs_file": config.pairs_file,
         "pairs": len(pairs),
-        "mode": config.mode,
+        "modes": list(config.modes),
         "swap": config.swap,
         "engine": config.engine_settings.engine,
         "judges": results,
@@ -193,32 +194,45 @@ async def evaluate_judges(
     return summary
 
 
+def _entry_name(spec: JudgeSpec, mode: Mode, config: JudgeEvalConfig) -> str:
+    """A judge's row name: its own name, with the mode when several modes are evaluated."""
+    return spec.name if len(config.modes) == 1 else f"{spec.name}-{mode}"
+
+
 async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: JudgeEvalConfig,
                         engine: Engine | None, build: Callable[[EngineSettings], Engine], *,
-                        on_start: Callable[[], None], on_batch: Callable[[int], None]) -> dict[str, Any]:
+                        on_start: Callable[[Mode], None], on_batch: Callable[[Mode, int], None],
+                        ) -> list[dict[str, Any]]:
+    """One judge in every mode of `config`: one row of results per mode, the model loaded once."""
     owned = engine is None
     if engine is None:
         engine = build(config.engine_settings.model_copy(update={"model": spec.model}))
     judge_config = genrm_config_for(spec.model)
-    started = time.perf_counter()
+    rows = []
     try:
-        on_start()
         genrm = GenRM(engine, config=judge_config)
-        verdicts = await judge_labelled_pairs(genrm, pairs, mode=config.mode, swap=config.swap,
-                                              batch_size=config.batch_size,
-                                              out_path=config.out_dir / spec.verdicts_file, on_batch=on_batch)
+        for mode in config.modes:
+            name = _entry_name(spec, mode, config)
+            started = time.perf_counter()
+            on_start(mode)
+            verdicts = await judge_labelled_pairs(
+                genrm, pairs, mode=mode, swap=config.swap, batch_size=config.batch_size,
+                out_path=config.out_dir / f"verdicts_{name}.jsonl", on_batch=lambda k, m=mode: on_batch(m, k))
+            usage = sum((v.usage for v in verdicts), Usage())
+            rows.append({
+                "name": name,
+                "judge": spec.name,
+                "mode": mode,
+                "model": spec.model,
+                "engine": getattr(engine, "kind", "engine"),
+                "model_id": engine.model_id,
+                "principle_detail": judge_config.principle_detail,
+                "verdicts_file": f"verdicts_{name}.jsonl",
+                "seconds": round(time.perf_counter() - started, 3),
+                "usage": usage.model_dump(),
+                "metrics": agreement_metrics(pairs, verdicts),
+            })
     finally:
         if owned:
             await engine.aclose()
-    usage = sum((v.usage for v in verdicts), Usage())
-    return {
-        "name": spec.name,
-        "model": spec.model,
-        "engine": getattr(engine, "kind", "engine"),
-        "model_id": engine.model_id,
-        "principle_detail": judge_config.principle_detail,
-        "verdicts_file": spec.verdicts_file,
-        "seconds": round(time.perf_counter() - started, 3),
-        "usage": usage.model_dump(),
-        "metrics": agreement_metrics(pairs, verdicts),
-    }
+    return rows

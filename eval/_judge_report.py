@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ._agreement import CALIBRATION_BINS
+
 ACCURACY_CHART = "judge_accuracy.png"
 FLAW_KIND_CHART = "judge_accuracy_by_flaw_kind.png"
+RELIABILITY_CHART = "judge_reliability.png"
 
 # (key in a judge's metrics, title, what it counts)
 RATE_METRICS: tuple[tuple[str, str, str], ...] = (
@@ -43,12 +46,13 @@ def render_judge_markdown(summary: dict[str, Any], charts: list[tuple[str, str]]
         "# Judge agreement on labelled pairs",
         "",
         f"- pairs: {summary['pairs']}" + (f" from `{summary['pairs_file']}`" if summary["pairs_file"] else ""),
-        f"- mode: {summary['mode']}; swap: {'on' if summary['swap'] else 'off'}; engine: {summary['engine']}",
+        f"- modes: {', '.join(summary['modes'])}; swap: {'on' if summary['swap'] else 'off'}; "
+        f"engine: {summary['engine']}",
         "- intervals are 95% Wilson score intervals; a judge error is counted as an error, never as an answer.",
         "",
-        "| Judge | Model | Engine | Principle detail | Judged ok | Seconds | Prompt tokens |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {j['name']} | `{j['model']}` | {j['engine']} | {j['principle_detail']} | "
+        "| Judge | Mode | Model | Engine | Principle detail | Judged ok | Seconds | Prompt tokens |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {j['name']} | {j['mode']} | `{j['model']}` | {j['engine']} | {j['principle_detail']} | "
           f"{j['metrics']['judged_ok']}/{j['metrics']['pairs']} | {j['seconds']:.1f} | "
           f"{j['usage']['prompt_tokens']} |" for j in judges),
         "",
@@ -68,6 +72,15 @@ def render_judge_markdown(summary: dict[str, Any], charts: list[tuple[str, str]]
         for g in groups:
             lines.append(f"| {g} | " + " | ".join(_cell(j["metrics"][key].get(g)) for j in judges) + " |")
         lines.append("")
+    lines += ["## Calibration of P(a≻b)", "",
+              "Over ok verdicts of pairs labelled a or b: ECE (count-weighted |share labelled a − mean P(a≻b)| "
+              f"over {CALIBRATION_BINS} equal-width bins; 0 is perfect) and Brier score (mean squared error; "
+              "0.25 is a constant 0.5).", "",
+              "| Judge | Mode | ECE | Brier | Counted |", "|---|---|---|---|---|"]
+    for j in judges:
+        cal = j["metrics"]["calibration"]
+        lines.append(f"| {j['name']} | {j['mode']} | {_fmt(cal['ece'])} | {_fmt(cal['brier'])} | {cal['n']} |")
+    lines.append("")
     for name, alt in charts:
         lines += [f"![{alt}]({name})", ""]
     return "\n".join(lines)
@@ -113,7 +126,7 @@ def render_judge_charts(summary: dict[str, Any], out_dir: Path) -> list[tuple[st
               "errors counted wrong", "#c44e52")
         ax.set_xticks(range(len(names)), names)
         _save(fig, ax, "accuracy (95% Wilson CI)",
-              f"Judge accuracy on {summary['pairs']} labelled pairs ({summary['mode']})", out_dir / ACCURACY_CHART)
+              f"Judge accuracy on {summary['pairs']} labelled pairs", out_dir / ACCURACY_CHART)
         charts.append((ACCURACY_CHART, "Accuracy per judge"))
     finally:
         plt.close(fig)
@@ -130,6 +143,31 @@ def render_judge_charts(summary: dict[str, Any], out_dir: Path) -> list[tuple[st
         _save(fig, ax, "accuracy over pairs judged ok (95% CI)", "Judge accuracy by flaw kind",
               out_dir / FLAW_KIND_CHART)
         charts.append((FLAW_KIND_CHART, "Accuracy by flaw kind"))
+    finally:
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    try:
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        for j in judges:
+            cal = j["metrics"]["calibration"]
+            if not cal["bins"]:
+                continue
+            xs = [b["mean_p"] for b in cal["bins"]]
+            ys = [b["observed"] for b in cal["bins"]]
+            sizes = [12 + 120 * b["n"] / cal["n"] for b in cal["bins"]]
+            ece = "n/a" if cal["ece"] is None else f"{cal['ece']:.3f}"
+            line = ax.plot(xs, ys, linewidth=1)[0]
+            ax.scatter(xs, ys, s=sizes, color=line.get_color(), label=f"{j['name']} (ECE {ece}, n={cal['n']})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.18)
+        ax.set_xlabel("mean predicted P(a≻b) in the bin")
+        ax.set_ylabel("share of pairs labelled a")
+        ax.set_title("Reliability of P(a≻b) (marker size: pairs in the bin)")
+        ax.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(out_dir / RELIABILITY_CHART, dpi=110)
+        charts.append((RELIABILITY_CHART, "Reliability curve"))
     finally:
         plt.close(fig)
     return charts

@@ -38,8 +38,10 @@ class RemoteScorerOptions:
     max_tokens: int | None = None
     max_flaws: int | None = None
     max_instance_chars: int | None = None
+    protocol: str | None = None
+    """"coser" (CoSER's flaw types and severities) or "her"; None: the server's default (coser)."""
 
-    def as_body(self) -> dict[str, int]:
+    def as_body(self) -> dict[str, int | str]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 

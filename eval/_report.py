@@ -18,8 +18,17 @@ from her_genrm import DIMENSION_TITLES, TRANSCRIPT_DIMENSIONS
 from ._runner import RunOutcome, load_sample, sample_path, write_json_atomic
 
 MIN_RUNS_FOR_CI = 3
-METRICS: tuple[str, ...] = (*TRANSCRIPT_DIMENSIONS, "average", "bleu", "rouge_l")
-TITLES: dict[str, str] = {**DIMENSION_TITLES, "average": "Average", "bleu": "BLEU", "rouge_l": "ROUGE-L"}
+OVERLAP_METRICS: tuple[str, ...] = ("bleu", "rouge_l", "coser_bleu", "coser_rouge_l")
+METRICS: tuple[str, ...] = (*TRANSCRIPT_DIMENSIONS, "average", *OVERLAP_METRICS)
+TITLES: dict[str, str] = {
+    **DIMENSION_TITLES,
+    "average": "Average",
+    "bleu": "BLEU",
+    "rouge_l": "ROUGE-L",
+    "coser_bleu": "BLEU (CoSER, 0–1)",
+    "coser_rouge_l": "ROUGE-L (CoSER, 0–1)",
+}
+COST_ROLES: tuple[str, ...] = ("actor", "environment", "predictor", "judge")
 CHART_METRICS: tuple[str, ...] = (*TRANSCRIPT_DIMENSIONS, "average")
 CHART_NAME = "scores.png"
 
@@ -99,7 +108,7 @@ def summarise(records: Sequence[dict[str, Any]], runs: int) -> dict[str, Any]:
         counted = 0
         for run in range(runs):
             values = [
-                r[metric] if metric in ("average", "bleu", "rouge_l") else r["scores"].get(metric)
+                r.get(metric) if metric not in TRANSCRIPT_DIMENSIONS else r["scores"].get(metric)
                 for r in records
                 if r["run"] == run and r["status"] == "ok"
             ]
@@ -120,9 +129,9 @@ def summarise(records: Sequence[dict[str, Any]], runs: int) -> dict[str, Any]:
 def cost(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Engine requests, tokens and seconds summed over the finished samples."""
     out: dict[str, Any] = {}
-    for role in ("actor", "judge"):
+    for role in COST_ROLES:
         out[role] = {
-            k: sum(r["usage"][role][k] for r in records)
+            k: sum(r["usage"].get(role, {}).get(k, 0) for r in records)
             for k in ("calls", "prompt_tokens", "completion_tokens")
         }
     out["sample_seconds"] = round(sum(r["usage"]["seconds"] for r in records), 3)
@@ -146,8 +155,7 @@ def build_results(
             "i_c": r["i_c"],
             **{d: r["scores"].get(d) for d in TRANSCRIPT_DIMENSIONS},
             "average": r["average"],
-            "bleu": r["bleu"],
-            "rouge_l": r["rouge_l"],
+            **{m: r.get(m) for m in OVERLAP_METRICS},
             "status": r["status"],
             "error": r["error"],
             "actor_rounds": r["actor_rounds"],
@@ -174,8 +182,8 @@ def build_results(
     }
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def render_markdown(results: dict[str, Any], chart: str | None = CHART_NAME) -> str:
@@ -187,13 +195,20 @@ def render_markdown(results: dict[str, Any], chart: str | None = CHART_NAME) -> 
         else f"{runs} run(s): confidence intervals need {MIN_RUNS_FOR_CI} or more."
     )
     m = results["manifest"]
+    sim = m["simulation"]
     lines = [
         "# CoSER given-circumstance acting: evaluation report",
         "",
-        f"- actor: `{m.get('actor', '?')}`; judge: `{m.get('judge', '?')}`",
+        f"- actor: `{m.get('actor', '?')}` (reply format `{sim.get('actor_format', 'her')}`); "
+        f"judge: `{m.get('judge', '?')}`",
+        f"- Environment played by `{m.get('environment', '?')}`, next-speaker predictor by "
+        f"`{m.get('predictor', '?')}`. Scores compare with CoSER's, or across actors, only when these two "
+        "are the same fixed models (CoSER: GPT-4o and GPT-4o-mini).",
+        f"- protocol: `{sim.get('protocol', 'her')}`; actor temperature {sim.get('temperature')}, "
+        f"top-p {sim.get('top_p')}, {sim.get('actor_max_tokens')} tokens",
         f"- runs: {runs}; samples per run: {results['samples_expected'] // max(runs, 1)}; "
-        f"max rounds: {m['simulation']['max_rounds']} "
-        f"(end allowed from round {m['simulation']['min_end_round']})",
+        f"max rounds: {sim['max_rounds']} "
+        f"(the scene may end once {sim['min_end_round']} lines are written)",
         f"- finished samples: {results['samples_ok']} ok, {results['samples_error']} with judge errors "
         f"(excluded from means), {len(results['samples_failed'])} failed in this invocation (rerun to retry)",
         "",
@@ -202,13 +217,16 @@ def render_markdown(results: dict[str, Any], chart: str | None = CHART_NAME) -> 
     ]
     for metric in METRICS:
         s = summary[metric]
-        run_means = ", ".join(_fmt(x) for x in s["run_means"]) or "n/a"
-        lines.append(f"| {TITLES[metric]} | {_fmt(s['mean'])} | {_fmt(s['ci95'])} | {s['n']} | {run_means} |")
+        d = 4 if metric.startswith("coser_") else 2  # 0-1 scale
+        run_means = ", ".join(_fmt(x, d) for x in s["run_means"]) or "n/a"
+        lines.append(f"| {TITLES[metric]} | {_fmt(s['mean'], d)} | {_fmt(s['ci95'], d)} | {s['n']} | {run_means} |")
     lines += [
         "",
         ci_note,
         "Dimension scores: 100 − 5·(Σ flaw severity − 0.3·character lines), clipped to 0–100. "
-        "BLEU and ROUGE-L (F1) compare the visible dialogue with the book's, on a 0–100 scale.",
+        "BLEU and ROUGE-L (F1) compare the visible dialogue with the book's, on a 0–100 scale; "
+        "the CoSER columns compute them as CoSER does (its text layout and tokenisation, 0–1), "
+        "comparable with its published numbers.",
         "",
     ]
     if chart:
@@ -222,7 +240,7 @@ def render_markdown(results: dict[str, Any], chart: str | None = CHART_NAME) -> 
         "|---|---|---|---|",
         *(
             f"| {role} | {c[role]['calls']} | {c[role]['prompt_tokens']} | {c[role]['completion_tokens']} |"
-            for role in ("actor", "judge")
+            for role in COST_ROLES
         ),
         "",
         f"Sample time (sum over samples): {c['sample_seconds']:.1f} s. This invocation: {inv['computed']} "

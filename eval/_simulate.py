@@ -1,7 +1,10 @@
 """Given-Circumstance Acting: re-enact a CoSER scene with the model under test playing every character.
 
-Agents: one actor per speaking character (all played by the same engine, each with its own prompt
-and view of the conversation), an Environment narrator, and a next-speaker predictor.
+Agents: one actor per speaking character (all played by the model under test, each with its own
+prompt and view of the conversation), an Environment narrator and a next-speaker predictor. CoSER
+plays Environment and the predictor with fixed models (GPT-4o and GPT-4o-mini), so scores compare
+across actors only when those two stay the same: :func:`simulate` takes their engines separately
+(by default the actor's engine).
 
 - The first speaker is the first of ``speaking_characters_w_env``; a round is one line.
 - After each line the predictor names the next speaker, constrained to the candidates (everyone
@@ -9,36 +12,74 @@ and view of the conversation), an Environment narrator, and a next-speaker predi
   that is unknown, repeats the current speaker, or ends too early is replaced by a seeded random
   choice among the major characters and Environment (minus the current speaker), so the same sample
   always takes the same turns whatever else runs alongside it.
+- Ending: the ``coser`` protocol accepts ``<END CHAT>`` once six lines are written (CoSER checks
+  round index >= 5), the ``her`` protocol once five are.
 - Visibility (via :func:`her_roleplay.build_chat_prompt`): an actor sees its own past lines without
   their system_thinking, and others' lines as actions and speech only (no thoughts).
-- Actors answer in HER's dual-layer format: every actor request is prefilled with ``<system_thinking>``.
+- Actor formats: ``her`` (HER tags; every request is prefilled with ``<system_thinking>``),
+  ``coser`` (``[thought] (action) speech``) or ``plain`` (speech). Lines are stored in HER tags
+  whatever the format, and lose any leading ``Name:`` label of their own speaker.
+- Progress: every line and every next-speaker decision can be reported as a :class:`Step`
+  (``on_step``); giving the saved steps back (``resume``) continues the scene where it stopped
+  without asking the engines again for what is saved. Seeds depend only on (sample, run, round,
+  agent), so a resumed scene goes on as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
 from her_engines import ChatMessage, Engine, EngineError, GenRequest, GenResult
-from her_roleplay import ENVIRONMENT, Scene, build_chat_prompt, public_view, strip_system_thinking
+from her_roleplay import (
+    ENVIRONMENT,
+    REPLY_FORMATS,
+    ReplyFormat,
+    Scene,
+    actor_reply_to_her,
+    build_chat_prompt,
+    her_to_coser,
+    public_view,
+    strip_speaker_prefix,
+    strip_system_thinking,
+)
 from her_roleplay import DialogueLine as _Line
 
 END_CHAT = "<END CHAT>"
 SYSTEM_PREFILL = "<system_thinking>"
+Protocol = Literal["coser", "her"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+AgentKind = Literal["actor", "environment", "predictor"]
+AGENTS: tuple[str, ...] = get_args(AgentKind)
+MAX_STOP_STRINGS = 4  # OpenAI's chat API takes at most four
+
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # CoSER (gca_evaluation/main.py, utils.py): <END CHAT> from round index 5, i.e. once six lines
+    # are written; every agent decodes greedily (temperature 0 on the first try); 512 actor tokens.
+    "coser": {"min_end_round": 6, "temperature": 0.0, "top_p": 1.0, "actor_max_tokens": 512,
+              "env_max_tokens": 160},
+    # This project's earlier protocol: ending from the fifth line, sampled replies.
+    "her": {"min_end_round": 5, "temperature": 0.7, "top_p": 0.95, "actor_max_tokens": 512,
+            "env_max_tokens": 160},
+}
 
 __all__ = [
     "END_CHAT",
+    "PROTOCOLS",
+    "PROTOCOL_DEFAULTS",
     "Fallback",
     "SimLine",
     "Simulation",
     "SimulationConfig",
+    "Step",
     "resolve_next_speaker",
     "simulate",
 ]
@@ -46,27 +87,46 @@ __all__ = [
 
 @dataclass
 class SimulationConfig:
-    """How a scene is re-enacted. Defaults follow CoSER: at most 20 rounds, ending allowed from round 5."""
+    """How a scene is re-enacted. Settings left None take the protocol's default
+    (:data:`PROTOCOL_DEFAULTS`); explicit values win."""
 
     max_rounds: int = 20
     """Lines at most (Environment's included)."""
-    min_end_round: int = 5
-    """The predictor may end the scene once this many lines are written."""
-    actor_max_tokens: int = 512
+    min_end_round: int | None = None
+    """The predictor may end the scene once this many lines are written (coser 6, her 5)."""
+    actor_max_tokens: int | None = None
     """Token limit of one actor reply (system_thinking included)."""
-    env_max_tokens: int = 160
+    env_max_tokens: int | None = None
     """Token limit of one Environment line."""
-    temperature: float = 0.7
-    """Sampling temperature of actors and Environment (seeded per sample, run and round)."""
-    top_p: float = 0.95
+    temperature: float | None = None
+    """Sampling temperature of actors and Environment (seeded per sample, run and round); coser 0."""
+    top_p: float | None = None
+    protocol: Protocol = "coser"
+    """``coser``: CoSER's ending rule and decoding; ``her``: this project's earlier defaults."""
+    actor_format: ReplyFormat = "her"
+    """How actors are asked to write: ``her`` tags, ``coser`` brackets or ``plain`` speech."""
+    chunk_tokens: int = 64
+    """Generate lines in pieces of this many tokens and stop once the text repeats itself or
+    another character's line starts (what CoSER cuts afterwards anyway); 0: in one request."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.actor_format not in REPLY_FORMATS:
+            raise ValueError(f"actor_format must be one of {', '.join(REPLY_FORMATS)}, got {self.actor_format!r}")
+        for key, value in PROTOCOL_DEFAULTS[self.protocol].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
         if not 1 <= self.min_end_round:
             raise ValueError(f"min_end_round must be >= 1, got {self.min_end_round}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0, got {self.chunk_tokens}")
         if self.actor_max_tokens < 1 or self.env_max_tokens < 1:
             raise ValueError("actor_max_tokens and env_max_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
     def fingerprint(self) -> dict[str, object]:
         return asdict(self)
@@ -90,6 +150,23 @@ class SimLine(BaseModel):
     public: str
 
 
+class Step(BaseModel):
+    """One unit of progress, as saved per turn: a line (``kind="line"``) or the decision after it
+    (``kind="next"``: the next speaker, or None for the end)."""
+
+    kind: Literal["line", "next"]
+    round: int = Field(description="index of the line (0-based); a decision follows its line")
+    speaker: str | None = None
+    text: str | None = None
+    predicted: str | None = None
+    next: str | None = None
+    fallback: Fallback | None = None
+    agent: AgentKind | None = Field(None, description="who was asked; None when nothing was asked")
+    requests: int = Field(0, description="engine requests it took (a line generated in pieces takes several)")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class Simulation(BaseModel):
     sample_id: str
     run: int
@@ -97,7 +174,11 @@ class Simulation(BaseModel):
     transcript: list[SimLine]
     ended_by: Literal["end_chat", "max_rounds"]
     fallbacks: list[Fallback] = Field(default_factory=list)
-    calls: dict[str, int] = Field(default_factory=dict, description="engine requests by agent kind")
+    calls: dict[str, int] = Field(default_factory=dict, description="turns that asked an agent, by agent kind")
+    usage: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="per agent kind: engine requests (calls), prompt and completion tokens"
+    )
+    resumed_steps: int = Field(0, description="steps taken from saved progress instead of the engines")
 
     @property
     def actor_rounds(self) -> int:
@@ -106,6 +187,10 @@ class Simulation(BaseModel):
     def dialogue(self) -> list[_Line]:
         """The transcript as CoSER dialogue lines (full HER text; scorers drop the thoughts)."""
         return [_Line(character=line.character, message=line.message) for line in self.transcript]
+
+
+class ResumeMismatch(ValueError):
+    """Saved progress does not fit this scene and configuration (it must be discarded)."""
 
 
 # --- the next-speaker rule ---------------------------------------------------------------------------
@@ -172,9 +257,10 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 def _visible_history(history: Sequence[tuple[str, str]]) -> str:
+    """``Name: (action) speech`` lines, as CoSER shows them to its narrator and predictor."""
     lines = []
     for speaker, text in history:
-        seen = public_view(text).strip()
+        seen = her_to_coser(public_view(text)).strip()
         if seen:
             lines.append(f"{speaker}: {seen}")
     return "\n\n".join(lines) or "(nothing has happened yet)"
@@ -250,8 +336,48 @@ def _cut_at_other_speaker(text: str, speaker: str, names: Sequence[str]) -> str:
     others = [re.escape(n) for n in names if not _same(n, speaker)]
     if not others:
         return text
-    match = re.search(rf"\n\s*(?:{'|'.join(others)})\s*:", text)
+    match = re.search(rf"\n\s*\**(?:{'|'.join(others)})\**\s*:", text)
     return text[: match.start()] if match else text
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_LETTER_RUN = re.compile(r"[^\W\d_]{100,}")
+
+
+def cut_repetition(text: str) -> str:
+    """Cut a degenerate reply where it starts repeating itself, as CoSER does for every actor that is
+    not an API model (its ``fix_repeation``): a run of 100+ letters keeps its first 20; a span of
+    5-30 tokens repeated five times in a row keeps its first occurrence; else a span of 15-30 tokens
+    seen again later ends the text before the second occurrence. Unlike CoSER the original text is
+    cut (tags and spacing kept) instead of re-joined from tokens. Text without repetition is unchanged.
+    """
+    text = _LETTER_RUN.sub(lambda m: m.group(0)[:20], text)
+    spans = [(m.start(), m.end(), m.group(0)) for m in _TOKEN.finditer(text)]
+    toks = [t for _, _, t in spans]
+    n = len(toks)
+    for length in range(5, min(30, n) + 1):  # consecutive: the shortest repeating unit first
+        for i in range(n - 5 * length + 1):
+            unit = toks[i : i + length]
+            if all(toks[i + k * length : i + (k + 1) * length] == unit for k in range(1, 5)):
+                return text[: spans[i + length - 1][1]]
+    first_repeat = n
+    for length in range(15, min(30, n) + 1):  # non-consecutive: the earliest second occurrence
+        seen: dict[tuple[str, ...], int] = {}
+        for i in range(n - length + 1):
+            key = tuple(toks[i : i + length])
+            if key in seen:
+                if i - seen[key] >= length:
+                    first_repeat = min(first_repeat, i)
+            else:
+                seen[key] = i
+    if first_repeat < n:
+        return text[: spans[first_repeat][0]].rstrip()
+    return text
+
+
+def _stops(speaker: str, names: Sequence[str]) -> list[str]:
+    """Stop strings: another character's line starting (cut afterwards anyway; this saves the tokens)."""
+    return [f"\n{n}:" for n in names if not _same(n, speaker)][:MAX_STOP_STRINGS]
 
 
 async def _one(engine: Engine, request: GenRequest) -> GenResult:
@@ -261,12 +387,31 @@ async def _one(engine: Engine, request: GenRequest) -> GenResult:
     return result
 
 
+StepCallback = Callable[[Step], "Awaitable[None] | None"]
+
+
 async def simulate(
-    engine: Engine, scene: Scene, *, run: int = 0, config: SimulationConfig | None = None
+    actor: Engine,
+    scene: Scene,
+    *,
+    env: Engine | None = None,
+    nsp: Engine | None = None,
+    run: int = 0,
+    config: SimulationConfig | None = None,
+    resume: Sequence[Step] = (),
+    on_step: StepCallback | None = None,
 ) -> Simulation:
-    """Re-enact ``scene`` with ``engine`` playing every agent. Deterministic for (scene, run, config)
-    on a deterministic engine. Raises EngineError when the engine fails."""
+    """Re-enact ``scene``: ``actor`` plays every character, ``env`` the Environment and ``nsp`` the
+    next-speaker predictor (both default to ``actor``).
+
+    ``on_step`` is called with every new :class:`Step` as soon as it is taken (a line, then the
+    decision after it); ``resume`` replays steps saved earlier instead of asking the engines again.
+    Deterministic for (scene, run, config) on deterministic engines. Raises EngineError when an
+    engine fails and :class:`ResumeMismatch` when ``resume`` does not fit this scene.
+    """
     cfg = config or SimulationConfig()
+    env = env or actor
+    nsp = nsp or actor
     names = _speaking_order(scene)
     majors = [n for n in scene.major_characters if scene.has_character(n)] or [
         n for n in names if not _is_env(n)
@@ -274,76 +419,62 @@ async def simulate(
     pool = [*majors, ENVIRONMENT]
     history: list[tuple[str, str]] = []
     fallbacks: list[Fallback] = []
-    calls = {"actor": 0, "environment": 0, "predictor": 0}
+    usage = {a: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0} for a in AGENTS}
+    turns = dict.fromkeys(AGENTS, 0)
+    saved = list(resume)
+    replayed = 0
+
+    def take_saved(kind: str, rnd: int) -> Step | None:
+        nonlocal replayed
+        if replayed >= len(saved):
+            return None
+        step = saved[replayed]
+        if step.kind != kind or step.round != rnd:
+            raise ResumeMismatch(f"saved step {replayed} is a {step.kind!r} of round {step.round}, "
+                                 f"expected a {kind!r} of round {rnd}")
+        replayed += 1
+        return step
+
+    async def record(step: Step, *, fresh: bool) -> None:
+        if step.agent is not None:
+            turns[step.agent] += 1
+            u = usage[step.agent]
+            u["calls"] += step.requests
+            u["prompt_tokens"] += step.prompt_tokens
+            u["completion_tokens"] += step.completion_tokens
+        if fresh and on_step is not None:
+            maybe = on_step(step)
+            if inspect.isawaitable(maybe):
+                await maybe
+
     speaker = names[0]
     ended_by: Literal["end_chat", "max_rounds"] = "max_rounds"
     for rnd in range(cfg.max_rounds):
-        if _is_env(speaker):
-            res = await _one(
-                engine,
-                GenRequest(
-                    messages=environment_prompt(scene, history),
-                    max_tokens=cfg.env_max_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=derive_seed(scene.seed, run, rnd, "env"),
-                ),
-            )
-            calls["environment"] += 1
-            text = _cut_at_other_speaker(res.text, speaker, names).strip()
-        else:
-            res = await _one(
-                engine,
-                GenRequest(
-                    messages=build_chat_prompt(scene, speaker, history),
-                    prefill=SYSTEM_PREFILL,
-                    max_tokens=cfg.actor_max_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=derive_seed(scene.seed, run, rnd, "actor"),
-                ),
-            )
-            calls["actor"] += 1
-            text = (SYSTEM_PREFILL + _cut_at_other_speaker(res.text, speaker, names)).strip()
-        history.append((speaker, text))
+        step = take_saved("line", rnd)
+        fresh = step is None
+        if step is None:
+            step = await _line(actor, env, scene, speaker, history, names, rnd, run, cfg)
+        elif not step.speaker or not _same(step.speaker, speaker) or step.text is None:
+            raise ResumeMismatch(f"saved line {rnd} is by {step.speaker!r}, expected {speaker!r}")
+        await record(step, fresh=fresh)
+        history.append((speaker, step.text or ""))
         if rnd + 1 >= cfg.max_rounds:
             break
-        end_allowed = rnd + 1 >= cfg.min_end_round
-        blocked = [n for n in names if not can_take_turn(history, n)]
-        options = [n for n in names if not _same(n, speaker) and n not in blocked]
-        options += [END_CHAT] if end_allowed else []
-        rng = random.Random(derive_seed(scene.seed, run, rnd, "next"))
-        if len(options) >= 2:
-            res = await _one(
-                engine,
-                GenRequest(
-                    messages=predictor_prompt(scene, history, options),
-                    choices=options,
-                    max_tokens=16,
-                    seed=derive_seed(scene.seed, run, rnd, "predictor"),
-                ),
-            )
-            calls["predictor"] += 1
-            predicted = res.text
-        else:
-            predicted = options[0] if options else ""
-        nxt, reason = resolve_next_speaker(
-            predicted,
-            current=speaker,
-            candidates=names,
-            fallback_pool=pool,
-            end_allowed=end_allowed,
-            rng=rng,
-            blocked=blocked,
-        )
-        if reason is not None:
-            fallbacks.append(
-                Fallback(round=rnd + 1, predicted=predicted[:200], chosen=nxt or "", reason=reason)
-            )
-        if nxt is None:
+        decision = take_saved("next", rnd)
+        fresh = decision is None
+        if decision is None:
+            decision = await _decide(nsp, scene, speaker, history, names, pool, rnd, run, cfg)
+        elif decision.next is not None and not any(_same(decision.next, n) for n in names):
+            raise ResumeMismatch(f"saved decision {rnd} names {decision.next!r}, not in the scene")
+        await record(decision, fresh=fresh)
+        if decision.fallback is not None:
+            fallbacks.append(decision.fallback)
+        if decision.next is None:
             ended_by = "end_chat"
             break
-        speaker = nxt
+        speaker = decision.next
+    if replayed < len(saved):
+        raise ResumeMismatch(f"{len(saved) - replayed} saved steps go beyond the end of the scene")
     transcript = [SimLine(character=who, message=text, public=public_view(text)) for who, text in history]
     return Simulation(
         sample_id=scene.sample_id,
@@ -352,5 +483,140 @@ async def simulate(
         transcript=transcript,
         ended_by=ended_by,
         fallbacks=fallbacks,
-        calls=calls,
+        calls=turns,
+        usage=usage,
+        resumed_steps=replayed,
     )
+
+
+async def _line(
+    actor: Engine,
+    env: Engine,
+    scene: Scene,
+    speaker: str,
+    history: Sequence[tuple[str, str]],
+    names: Sequence[str],
+    rnd: int,
+    run: int,
+    cfg: SimulationConfig,
+) -> Step:
+    """Ask the speaker's agent for its line; the line in HER tags, without its own name label."""
+    if _is_env(speaker):
+        engine, agent, prefill = env, "environment", ""
+        messages = environment_prompt(scene, history)
+        max_tokens, seed = cfg.env_max_tokens, derive_seed(scene.seed, run, rnd, "env")
+    else:
+        engine, agent = actor, "actor"
+        prefill = SYSTEM_PREFILL if cfg.actor_format == "her" else ""
+        messages = build_chat_prompt(scene, speaker, history, reply_format=cfg.actor_format)
+        max_tokens, seed = cfg.actor_max_tokens, derive_seed(scene.seed, run, rnd, "actor")
+    request = GenRequest(
+        messages=messages,
+        prefill=prefill,
+        max_tokens=max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=seed,
+        stop=_stops(speaker, names),
+    )
+    generated, requests, prompt_tokens, completion_tokens = await _generate_line(
+        engine, request, speaker, names, cfg
+    )
+    text = _clean(generated, speaker, names, prefill)
+    if agent == "actor":
+        text = actor_reply_to_her(text, cfg.actor_format).strip()
+    return Step(kind="line", round=rnd, speaker=speaker, text=text, agent=agent,  # type: ignore[arg-type]
+                requests=requests, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+def _can_continue(engine: Engine, request: GenRequest) -> bool:
+    """Whether a reply can be generated in pieces: the engine continues an assistant turn (a request
+    that is prefilled already proves it; local vLLM and transformers engines always do)."""
+    return bool(request.prefill) or getattr(engine, "kind", None) in ("vllm", "transformers")
+
+
+async def _generate_line(
+    engine: Engine, request: GenRequest, speaker: str, names: Sequence[str], cfg: SimulationConfig
+) -> tuple[str, int, int, int]:
+    """The generated text (without the prefill), engine requests, prompt and completion tokens.
+
+    With ``cfg.chunk_tokens`` and an engine that continues a turn, the reply is generated in pieces
+    of that many tokens, each continuing the previous ones (prefix caching makes the repeated prompt
+    cheap), and generation stops as soon as what is written so far would be cut anyway: another
+    character's line started, or the text began repeating itself (:func:`cut_repetition`). A model
+    stuck in a loop then costs a piece instead of the whole token limit."""
+    if not cfg.chunk_tokens or not _can_continue(engine, request):
+        res = await _one(engine, request)
+        return res.text, 1, res.prompt_tokens, res.completion_tokens
+    text, requests, prompt_tokens, completion_tokens = "", 0, 0, 0
+    while True:
+        left = request.max_tokens - completion_tokens
+        piece = request.model_copy(
+            update={"prefill": request.prefill + text, "max_tokens": min(cfg.chunk_tokens, left)}
+        )
+        res = await _one(engine, piece)
+        requests += 1
+        text += res.text
+        prompt_tokens += res.prompt_tokens
+        completion_tokens += res.completion_tokens
+        if res.finish_reason != "length" or completion_tokens >= request.max_tokens or not res.text:
+            return text, requests, prompt_tokens, completion_tokens
+        kept = _cut_at_other_speaker(text, speaker, names)
+        if kept != text or cut_repetition(kept) != kept:
+            return text, requests, prompt_tokens, completion_tokens
+
+
+def _clean(generated: str, speaker: str, names: Sequence[str], prefill: str) -> str:
+    """What is kept of a generated line: nothing written for others, no repetition loop, no own
+    name label."""
+    text = cut_repetition(_cut_at_other_speaker(generated, speaker, names))
+    return strip_speaker_prefix(prefill + text, speaker).strip()
+
+
+async def _decide(
+    nsp: Engine,
+    scene: Scene,
+    speaker: str,
+    history: Sequence[tuple[str, str]],
+    names: Sequence[str],
+    pool: Sequence[str],
+    rnd: int,
+    run: int,
+    cfg: SimulationConfig,
+) -> Step:
+    """Who speaks after line ``rnd`` (None: the scene ends), by the predictor and CoSER's rule."""
+    end_allowed = rnd + 1 >= cfg.min_end_round
+    blocked = [n for n in names if not can_take_turn(history, n)]
+    options = [n for n in names if not _same(n, speaker) and n not in blocked]
+    options += [END_CHAT] if end_allowed else []
+    rng = random.Random(derive_seed(scene.seed, run, rnd, "next"))
+    step = Step(kind="next", round=rnd)
+    if len(options) >= 2:
+        res = await _one(
+            nsp,
+            GenRequest(
+                messages=predictor_prompt(scene, history, options),
+                choices=options,
+                max_tokens=16,
+                seed=derive_seed(scene.seed, run, rnd, "predictor"),
+            ),
+        )
+        predicted = res.text
+        step.agent, step.requests = "predictor", 1
+        step.prompt_tokens, step.completion_tokens = res.prompt_tokens, res.completion_tokens
+    else:
+        predicted = options[0] if options else ""
+    nxt, reason = resolve_next_speaker(
+        predicted,
+        current=speaker,
+        candidates=names,
+        fallback_pool=pool,
+        end_allowed=end_allowed,
+        rng=rng,
+        blocked=blocked,
+    )
+    step.predicted = predicted[:200]
+    step.next = nxt
+    if reason is not None:
+        step.fallback = Fallback(round=rnd + 1, predicted=predicted[:200], chosen=nxt or "", reason=reason)
+    return step

@@ -1,9 +1,13 @@
 """`her eval coser`: CoSER given-circumstance acting with the model under test, scored by a flaw judge.
 
     her eval coser --test-file FILE --out DIR [--engine ...] [--max-rounds N] [--runs K] [--judge-url URL]
+                   [--protocol coser|her] [--actor-format her|coser|plain] [--env-model M] [--nsp-model M]
 
 The judge is a local engine (by default the model under test itself) or, with ``--judge-url``, a
-running rm_server (``POST /v1/score/transcript``). Rerunning the same command resumes.
+running rm_server (``POST /v1/score/transcript``). Environment and the next-speaker predictor default
+to the model under test; CoSER plays them with fixed models (GPT-4o, GPT-4o-mini), so scores compare
+with CoSER's (or across actors) only when ``--env-*``/``--nsp-*`` name the same models. Rerunning the
+same command resumes, mid-sample too.
 
 `her eval judge`: agreement of one or more pairwise judges with labelled pairs, side by side.
 
@@ -37,22 +41,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runs", type=int, default=1, help="independent runs; 3 or more give 95%% CIs (default 1)"
     )
     coser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    coser.add_argument("--concurrency", type=int, default=2, help="samples in flight at once (default 2)")
+    coser.add_argument("--concurrency", type=int, default=4,
+                       help="samples in flight at once; their requests share the engine's batches (default 4)")
     coser.add_argument(
         "--judge-concurrency", type=int, default=2, help="transcripts judged at once (default 2)"
     )
-    coser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    coser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    coser.add_argument(
+        "--protocol", choices=["coser", "her"], default="coser",
+        help="coser (default): CoSER's ending rule (<END CHAT> from the 6th line), greedy actors and "
+        "narrator, CoSER's judge rules; her: this project's earlier rules (end from the 5th line, "
+        "temperature 0.7, top-p 0.95). Explicit flags below override the protocol's values",
+    )
 
     g = coser.add_argument_group("model under test")
     add_engine_arguments(g)
-    g.add_argument("--max-rounds", type=int, default=20, help="lines per re-enactment at most (default 20)")
     g.add_argument(
-        "--min-end-round", type=int, default=5, help="the scene may end from this round (default 5)"
+        "--actor-format", choices=["her", "coser", "plain"], default="her",
+        help="how actors are asked to write: her (HER tags after a <system_thinking> plan; default), "
+        "coser ([thought] (action) speech) or plain (speech only, e.g. a chat model as a baseline)",
     )
-    g.add_argument("--actor-max-tokens", type=int, default=512, help="token limit of an actor reply")
-    g.add_argument("--env-max-tokens", type=int, default=160, help="token limit of an Environment line")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (seeded per sample)")
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-rounds", type=int, default=20, help="lines per re-enactment at most (default 20)")
+    g.add_argument("--min-end-round", type=int, default=None,
+                   help="the scene may end once this many lines are written (coser 6, her 5)")
+    g.add_argument("--actor-max-tokens", type=int, default=None, help="token limit of an actor reply (512)")
+    g.add_argument("--env-max-tokens", type=int, default=None, help="token limit of an Environment line (160)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature of actors and Environment, seeded per sample (coser 0, her 0.7)")
+    g.add_argument("--top-p", type=float, default=None, help="(coser 1.0, her 0.95)")
+
+    e = coser.add_argument_group("Environment (narrator); unset flags take the model under test's values")
+    add_engine_arguments(e, prefix="env-", inherit="")
+    n = coser.add_argument_group("next-speaker predictor; unset flags take the model under test's values")
+    add_engine_arguments(n, prefix="nsp-", inherit="")
 
     j = coser.add_argument_group("judge")
     j.add_argument("--judge-url", default=None, help="score on this rm_server instead of a local engine")
@@ -62,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Bearer key for --judge-url (default: $HER_JUDGE_KEY)",
     )
     add_engine_arguments(j, prefix="judge-", inherit="")
-    j.add_argument("--judge-max-tokens", type=int, default=1024, help="token limit of one flaw list")
+    j.add_argument("--judge-max-tokens", type=int, default=None,
+                   help="token limit of one flaw list (default: what --max-flaws flaws of "
+                   "--max-instance-chars can take, at most 1024)")
     j.add_argument("--max-flaws", type=int, default=10, help="flaws listed per dimension at most")
     j.add_argument("--max-instance-chars", type=int, default=200, help="length limit of a flaw's instance")
     j.add_argument("--judge-attempts", type=int, default=2, help="tries per dimension before it is an error")
@@ -87,7 +110,9 @@ def _add_judge_arguments(sub: argparse._SubParsersAction) -> None:
         "genrm; its her_judge.json card picks the prompt) or what --engine takes",
     )
     judge.add_argument("--out", required=True, help="output folder (report.md, metrics.json, verdicts_*.jsonl, PNGs)")
-    judge.add_argument("--mode", choices=["fast", "cot"], default="fast", help="judge mode (default fast)")
+    judge.add_argument("--mode", choices=["fast", "cot"], action="append", dest="modes",
+                       help="judge mode; repeat to evaluate each judge in several modes while it is loaded "
+                            "(default fast)")
     judge.add_argument("--swap", action=argparse.BooleanOptionalAction, default=True,
                        help="judge both presentation orders (default on)")
     judge.add_argument("--limit", type=int, default=None, help="only the first N pairs")
@@ -105,6 +130,13 @@ def _run_coser(args: argparse.Namespace) -> int:
     return asyncio.run(_coser(args))
 
 
+def judge_token_budget(max_flaws: int, max_instance_chars: int, ceiling: int = 1024) -> int:
+    """Tokens a full flaw list can need: per flaw its instance (~3 characters a token, JSON escapes
+    included), the type name, severity and JSON punctuation; plus the object around them."""
+    per_flaw = -(-max_instance_chars // 3) + 32
+    return min(ceiling, 24 + max_flaws * per_flaw)
+
+
 async def _coser(args: argparse.Namespace) -> int:
     from her_genrm import TranscriptScorer, TranscriptScorerConfig
 
@@ -115,6 +147,8 @@ async def _coser(args: argparse.Namespace) -> int:
 
     try:
         sim = SimulationConfig(
+            protocol=args.protocol,
+            actor_format=args.actor_format,
             max_rounds=args.max_rounds,
             min_end_round=args.min_end_round,
             actor_max_tokens=args.actor_max_tokens,
@@ -122,11 +156,13 @@ async def _coser(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
         )
+        judge_max_tokens = args.judge_max_tokens or judge_token_budget(args.max_flaws, args.max_instance_chars)
         judge_cfg = TranscriptScorerConfig(
-            max_tokens=args.judge_max_tokens,
+            max_tokens=judge_max_tokens,
             max_flaws=args.max_flaws,
             max_instance_chars=args.max_instance_chars,
             attempts=args.judge_attempts,
+            protocol=args.protocol,
         )
     except ValueError as exc:
         raise SystemExit(f"her eval coser: {exc}") from None
@@ -135,9 +171,27 @@ async def _coser(args: argparse.Namespace) -> int:
     except SceneLoadError as exc:
         raise SystemExit(f"her eval coser: {exc}") from None
     actor_settings = engine_settings_from_args(args)
-    actor = build_engine_or_exit(actor_settings)
-    owned: list = [actor]
+    env_settings = engine_settings_from_args(args, prefix="env-", inherit="")
+    nsp_settings = engine_settings_from_args(args, prefix="nsp-", inherit="")
+    judge_settings = None if args.judge_url else engine_settings_from_args(args, prefix="judge-", inherit="")
+    loaded: list[tuple[object, object]] = []  # (settings, engine): one load per distinct model setting
+
+    def engine_for(settings, prefix: str = ""):
+        for known, eng in loaded:
+            if known == settings:
+                return eng
+        eng = build_engine_or_exit(settings, prefix=prefix)
+        loaded.append((settings, eng))
+        return eng
+
+    def name(eng) -> str:
+        return f"{getattr(eng, 'kind', 'engine')}:{eng.model_id}"
+
+    owned: list = []  # clients to close besides the engines
     try:
+        actor = engine_for(actor_settings)
+        env = engine_for(env_settings, "env-")
+        nsp = engine_for(nsp_settings, "nsp-")
         if args.judge_url:
             judge = RemoteTranscriptScorer(
                 args.judge_url,
@@ -146,18 +200,15 @@ async def _coser(args: argparse.Namespace) -> int:
                     max_tokens=judge_cfg.max_tokens,
                     max_flaws=judge_cfg.max_flaws,
                     max_instance_chars=judge_cfg.max_instance_chars,
+                    protocol=judge_cfg.protocol,
                 ),
             )
             owned.append(judge)
             judge_name = "rm_server"
         else:
-            judge_settings = engine_settings_from_args(args, prefix="judge-", inherit="")
-            same = judge_settings == actor_settings
-            judge_engine = actor if same else build_engine_or_exit(judge_settings, prefix="judge-")
-            if judge_engine is not actor:
-                owned.append(judge_engine)
+            judge_engine = engine_for(judge_settings, "judge-")
             judge = TranscriptScorer(judge_engine, judge_cfg)
-            judge_name = f"{getattr(judge_engine, 'kind', 'engine')}:{judge_engine.model_id}"
+            judge_name = name(judge_engine)
         config = EvalConfig(
             out_dir=Path(args.out),
             runs=args.runs,
@@ -165,14 +216,19 @@ async def _coser(args: argparse.Namespace) -> int:
             judge_concurrency=args.judge_concurrency,
             simulation=sim,
             progress=not args.no_progress,
+            env_engine=env,
+            nsp_engine=nsp,
             identity={
-                "actor": f"{getattr(actor, 'kind', 'engine')}:{actor.model_id}",
+                "actor": name(actor),
+                "environment": name(env),
+                "predictor": name(nsp),
                 "judge": judge_name,
                 "judge_settings": {
                     "max_tokens": judge_cfg.max_tokens,
                     "max_flaws": judge_cfg.max_flaws,
                     "max_instance_chars": judge_cfg.max_instance_chars,
                     "attempts": judge_cfg.attempts,
+                    "protocol": judge_cfg.protocol,
                 },
             },
         )
@@ -185,6 +241,8 @@ async def _coser(args: argparse.Namespace) -> int:
     finally:
         for thing in reversed(owned):
             await thing.aclose()
+        for _settings, eng in reversed(loaded):
+            await eng.aclose()
     avg = results["summary"]["average"]
     ci = f" ± {avg['ci95']:.2f}" if avg["ci95"] is not None else ""
     mean = "n/a" if avg["mean"] is None else f"{avg['mean']:.2f}{ci}"
@@ -208,7 +266,7 @@ async def _judge(args: argparse.Namespace) -> int:
         pairs = load_labelled_pairs(args.pairs, limit=args.limit)
         config = JudgeEvalConfig(
             out_dir=Path(args.out),
-            mode=args.mode,
+            modes=tuple(dict.fromkeys(args.modes or ["fast"])),
             swap=args.swap,
             batch_size=args.batch_size,
             progress=not args.no_progress,
@@ -222,7 +280,9 @@ async def _judge(args: argparse.Namespace) -> int:
         m = j["metrics"]
         acc = m["accuracy"]
         shown = "n/a" if acc["value"] is None else f"{acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]"
+        cal = m["calibration"]
+        ece = "n/a" if cal["ece"] is None else f"{cal['ece']:.3f}"
         print(f"{j['name']}: accuracy {shown} over {m['judged_ok']}/{m['pairs']} pairs judged ok, "
-              f"{m['errors']['hits']} errors")
+              f"{m['errors']['hits']} errors; calibration ECE {ece}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

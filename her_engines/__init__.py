@@ -21,6 +21,7 @@ from ._types import (
     FinishReason,
     GenRequest,
     GenResult,
+    TokenLogprobs,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "GenRequest",
     "GenResult",
     "ResolvedModel",
+    "TokenLogprobs",
     "build_engine",
     "cache_root",
     "create_engine",

@@ -60,13 +60,12 @@ from ._types import (
     FinishReason,
     GenRequest,
     GenResult,
+    TokenLogprobs,
 )
 
 ConstraintStyle = Literal["vllm", "llama_cpp", "openai"]
 _STYLES: tuple[str, ...] = ("vllm", "llama_cpp", "openai", "auto")
 # One generated token as (text, logprob, [(alternative text, logprob), ...]).
-TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
-
 
 class OpenAIEngine:
     """Engine backed by an OpenAI-compatible HTTP server.
@@ -218,11 +217,13 @@ class OpenAIEngine:
             body.update(_schema_fields(req.json_schema, style, chat))
         elif req.choices is not None:
             body.update(_choice_fields(req.choices, style, chat))
+        top = req.logprobs or (self.top_logprobs if req.choices is not None else None)
+        if top:
             if chat:
                 body["logprobs"] = True
-                body["top_logprobs"] = self.top_logprobs
+                body["top_logprobs"] = top
             else:
-                body["logprobs"] = self.top_logprobs
+                body["logprobs"] = top
         body.update(self._extra_body)
         return path, body
 
@@ -254,8 +255,10 @@ class OpenAIEngine:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason=_finish_reason(choice.get("finish_reason")),
         )
+        entries = _token_logprobs(choice.get("logprobs"))
+        if req.logprobs:
+            result.token_logprobs = entries
         if req.choices is not None:
-            entries = _token_logprobs(choice.get("logprobs"))
             quoted = style == "openai"  # the output is a JSON string literal
             constraint = f"{style!r} choice constraint"
             return attach_choice_logprobs(result, req.choices, entries, quoted=quoted, constraint=constraint)

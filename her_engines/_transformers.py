@@ -50,7 +50,7 @@ from transformers import (
 from ._factory import DEFAULT_MODEL
 from ._models import ResolvedModel, ensure_hf_folder, resolve_model
 from ._prefix import PrefixKV, PrefixStore
-from ._types import EngineBadRequest, EngineError, EngineUnavailable, GenRequest, GenResult
+from ._types import EngineBadRequest, EngineError, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAMMAR_CACHE_SIZE = 128
@@ -179,6 +179,41 @@ class _RowSampler(LogitsProcessor):
             scores[i].fill_(-math.inf)
             scores[i, token] = 0.0
         return scores
+
+
+class _TokenLogprobRecorder(LogitsProcessor):
+    """Keeps, for rows that asked for `logprobs`, each step's top-k alternatives (scored after the
+    grammar mask, before a row's sampling) and the log-probability of the token then chosen.
+
+    The chosen token is only known one step later (it is the last input id of the next call), so the
+    previous step's distribution of each such row is kept until then.
+    """
+
+    def __init__(self, rows: list[_Prepared]) -> None:
+        self.k = {i: p.req.logprobs for i, p in enumerate(rows) if p.req.logprobs}
+        self.top: dict[int, list[tuple[list[int], list[float]]]] = {i: [] for i in self.k}
+        self.chosen: dict[int, list[float]] = {i: [] for i in self.k}
+        self._previous: dict[int, torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, k in self.k.items():
+            if i in self._previous:
+                self.chosen[i].append(float(self._previous[i][int(input_ids[i, -1])]))
+            logprobs = torch.log_softmax(scores[i].float(), dim=-1)
+            best = torch.topk(logprobs, k)
+            self.top[i].append((best.indices.tolist(), best.values.tolist()))
+            self._previous[i] = logprobs
+        return scores
+
+    def entries(self, row: int, new_ids: list[int], tokenizer: Any) -> list[TokenLogprobs]:
+        chosen = list(self.chosen[row])
+        if row in self._previous and len(chosen) < len(new_ids):  # the last step's token
+            chosen.append(float(self._previous[row][new_ids[len(chosen)]]))
+        out: list[TokenLogprobs] = []
+        for token, logprob, (alt_ids, alt_logprobs) in zip(new_ids, chosen, self.top[row], strict=False):
+            texts = tokenizer.batch_decode([[a] for a in alt_ids])
+            out.append((tokenizer.decode([token]), logprob, list(zip(texts, alt_logprobs, strict=True))))
+        return out
 
 
 class TransformersEngine:
@@ -403,6 +438,9 @@ class TransformersEngine:
         processors = LogitsProcessorList()
         if any(p.grammar is not None for p in group):
             processors.append(_GrammarMask([p.grammar for p in group], self.vocab_size, stop))
+        recorder = _TokenLogprobRecorder(group)
+        if recorder.k:
+            processors.append(recorder)
         if any(p.req.temperature > 0 for p in group):
             processors.append(_RowSampler(group))
         config = GenerationConfig(
@@ -423,7 +461,11 @@ class TransformersEngine:
             stopping_criteria=StoppingCriteriaList([stop]),
         )
         new = out[:, width:].tolist()
-        return [self._decoded_result(p, new[row], stop.done[row]) for row, p in enumerate(group)]
+        results = [self._decoded_result(p, new[row], stop.done[row]) for row, p in enumerate(group)]
+        for row in recorder.k:
+            kept = new[row][: results[row].completion_tokens]
+            results[row].token_logprobs = recorder.entries(row, kept, self.tokenizer)
+        return results
 
     def _decoded_result(self, p: _Prepared, new_ids: list[int], done: tuple[int, str] | None) -> GenResult:
         n, why = done if done is not None else (min(len(new_ids), p.req.max_tokens), "length")

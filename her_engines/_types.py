@@ -44,6 +44,8 @@ class GenRequest(BaseModel):
     At most one constraint: `json_schema` (output is JSON valid against it) or
     `choices` (output is exactly one of the strings; `choice_logprobs` gives the
     log-probability of every choice, normalised over the choices).
+    `logprobs` asks for the top-k alternatives of every generated token (`token_logprobs`), as the
+    backend scores them after its constraint.
     """
 
     messages: list[ChatMessage] | None = None
@@ -56,6 +58,7 @@ class GenRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     json_schema: dict[str, Any] | None = None
     choices: list[str] | None = None
+    logprobs: int | None = Field(None, ge=1, le=20)
 
     @model_validator(mode="after")
     def _check(self) -> GenRequest:
@@ -69,6 +72,8 @@ class GenRequest(BaseModel):
 
 
 FinishReason = Literal["stop", "length", "error"]
+# One generated token: (text, log-probability, top alternatives as (text, log-probability)).
+TokenLogprobs = tuple[str, float, list[tuple[str, float]]]
 
 
 class GenResult(BaseModel):
@@ -78,6 +83,8 @@ class GenResult(BaseModel):
     finish_reason: FinishReason = "stop"
     # For `choices` requests: log P(choice) normalised over the choices (sums to 1 after exp).
     choice_logprobs: dict[str, float] | None = None
+    # For `logprobs` requests: every generated token with its top alternatives.
+    token_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
 
 

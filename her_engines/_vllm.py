@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ._factory import DEFAULT_MODEL
-from ._openai import TokenLogprobs, attach_choice_logprobs
-from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult
+from ._openai import attach_choice_logprobs
+from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
 
 log = logging.getLogger("her_engines")
 
@@ -236,9 +236,11 @@ class VLLMEngine:
             completion_tokens=len(out.token_ids),
             finish_reason="length" if out.finish_reason == "length" else "stop",
         )
+        entries = _entries(out.token_ids, out.logprobs or [])
+        if req.logprobs:
+            result.token_logprobs = entries
         if req.choices is None:
             return result
-        entries = _entries(out.token_ids, out.logprobs or [])
         return attach_choice_logprobs(
             result, req.choices, entries, quoted=False, constraint="vLLM choice constraint"
         )
@@ -258,7 +260,7 @@ class VLLMEngine:
             top_p=req.top_p,
             seed=req.seed,
             stop=list(req.stop) or None,
-            logprobs=self.top_logprobs if req.choices is not None else None,
+            logprobs=req.logprobs or (self.top_logprobs if req.choices is not None else None),
             structured_outputs=structured,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
         )

@@ -8,12 +8,15 @@
 
 from ._api import judge, judge_file
 from ._card import JUDGE_CARD_FILE, JudgeCard, genrm_config_for, read_judge_card
-from ._judge import FAST_CHOICES, GenRM, GenRMConfig, pattern_of
+from ._judge import GenRM, GenRMConfig, pattern_of
 from ._rewards import (
     FORMAT_BREAKING_CODES,
     OUTCOME_SCORE,
+    GroupAggregate,
     RewardKind,
+    bradley_terry,
     format_violations,
+    group_rewards,
     rollout_reward,
     round_robin_pairs,
     verdict_reward,
@@ -28,15 +31,19 @@ from ._templates import (
     parse_her_rm,
     render_compact,
     render_context,
+    verdict_probabilities,
 )
 from ._training import training_examples, training_rows
 from ._transcript import (
     DIMENSION_TITLES,
     FLAW_TYPES,
     MAX_INSTANCE_CHARS,
+    SCORING_PROTOCOLS,
     TRANSCRIPT_DIMENSIONS,
     DimensionResult,
     Flaw,
+    FlawType,
+    ScoringProtocol,
     TranscriptDimension,
     TranscriptScore,
     TranscriptScorer,
@@ -44,6 +51,7 @@ from ._transcript import (
     build_transcript_judge_prompt,
     count_actor_rounds,
     flaw_schema,
+    flaw_type_names,
     parse_flaws,
     public_text,
     render_transcript,
@@ -66,8 +74,10 @@ __all__ = [
     "MAX_INSTANCE_CHARS",
     "OUTCOME_SCORE",
     "DIMENSION_TITLES",
-    "FAST_CHOICES",
     "FLAW_TYPES",
+    "FlawType",
+    "SCORING_PROTOCOLS",
+    "ScoringProtocol",
     "FORMAT_BREAKING_CODES",
     "TRANSCRIPT_DIMENSIONS",
     "CompactTemplate",
@@ -105,7 +115,9 @@ __all__ = [
     "read_judge_card",
     "parse_compact",
     "parse_flaws",
+    "flaw_type_names",
     "parse_her_rm",
+    "verdict_probabilities",
     "pattern_of",
     "public_text",
     "render_compact",
@@ -118,4 +130,7 @@ __all__ = [
     "transcript_score",
     "verdict_reward",
     "win_rates",
+    "GroupAggregate",
+    "bradley_terry",
+    "group_rewards",
 ]

@@ -8,7 +8,10 @@ never a default verdict.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,10 +32,12 @@ from ._templates import (
     Slot,
     parse_compact,
     parse_her_rm,
+    verdict_probabilities,
 )
 from ._types import Comparison, JudgeRequest, OrderResult, Pattern, Usage, Verdict, Winner
 
-FAST_CHOICES = ["A", "B", "tie"]
+# A fast answer is the verdict value itself: it starts where the generated text starts.
+_VALUE_AT_START = re.compile(r"^")
 
 
 def pattern_of(winners: Sequence[Winner]) -> Pattern | None:
@@ -55,20 +60,31 @@ def _slot_to_winner(slot: Slot, a_first: bool) -> Winner:
     return "a" if (slot == "A") == a_first else "b"
 
 
+def _priced(probs: dict[Slot, float], a_first: bool) -> dict[str, object]:
+    """P(a≻b) (a tie counts half) and the outcome distribution in a/b terms, from slot probabilities."""
+    by_winner = {_slot_to_winner(slot, a_first): p for slot, p in probs.items()}
+    return {"p_a": by_winner["a"] + 0.5 * by_winner["tie"], "probs": by_winner}
+
+
 @dataclass
 class GenRMConfig:
     """Decoding settings of the judge. Changing any of them changes cached verdicts' keys."""
 
     principle_detail: PrincipleDetail = "id"
     cot_max_tokens: int = CompactTemplate.max_output_tokens()
-    her_rm_max_tokens: int = 1536
+    her_rm_max_tokens: int | None = None
+    """None: sized from each pair's inputs (HER-RM repeats both candidates before judging)."""
     temperature: float = 0.0
     top_p: float = 1.0
+    verdict_logprobs: int = 20
+    """Alternatives read per token to price the verdict (P(a≻b) in both modes); 0 in cot mode falls
+    back to the written verdict's 1 / 0.5 / 0."""
 
-    def sampling(self) -> dict[str, float | int]:
+    def sampling(self) -> dict[str, float | int | None]:
         return {
             "cot_max_tokens": self.cot_max_tokens,
             "her_rm_max_tokens": self.her_rm_max_tokens,
+            "verdict_logprobs": self.verdict_logprobs,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "principle_detail": self.principle_detail,
@@ -134,9 +150,13 @@ class GenRM:
         for a_first in orders:
             first, second = (a, b) if a_first else (b, a)
             messages = template.messages(req.context, first, second, fast=fast)
-            common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature}
+            common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature,
+                      "logprobs": self.config.verdict_logprobs or None}
             if fast:
-                gen = GenRequest(**common, max_tokens=1, choices=FAST_CHOICES)
+                prefill, choices = template.fast_request()
+                # decode only until the values diverge (A / B / tie: one token; cand_1 / cand_2: a few)
+                shared = max(len(os.path.commonprefix([x, y])) for x, y in itertools.combinations(choices, 2))
+                gen = GenRequest(**common, prefill=prefill, max_tokens=1 + shared, choices=choices)
             elif isinstance(template, CompactTemplate):
                 gen = GenRequest(
                     **common,
@@ -145,7 +165,8 @@ class GenRM:
                     json_schema=template.output_schema(),
                 )
             else:
-                gen = GenRequest(**common, max_tokens=self.config.her_rm_max_tokens, top_p=self.config.top_p)
+                budget = self.config.her_rm_max_tokens or template.max_output_tokens(first, second)
+                gen = GenRequest(**common, max_tokens=budget, top_p=self.config.top_p)
             out.append((a_first, gen))
         return out
 
@@ -156,8 +177,14 @@ class GenRM:
         base = {"a_first": a_first, "raw": result.text, "usage": usage}
         if result.finish_reason == "error":
             return OrderResult(**base, status="error", error=result.error or "engine error")
+        template = self.template(req.template)
         if req.mode == "fast":
-            return self._read_fast(result, base, a_first)
+            probs = self._fast_probabilities(result, template)
+            if probs is None:
+                return OrderResult(**base, status="error",
+                                   error=f"engine returned no usable verdict logprobs: {result.choice_logprobs}")
+            best: Slot = max(SLOTS, key=lambda s: probs[s])
+            return OrderResult(**base, status="ok", **_priced(probs, a_first), winner=_slot_to_winner(best, a_first))
         if result.finish_reason == "length":
             return OrderResult(**base, status="error", error="judge output hit max_tokens before finishing")
         try:
@@ -167,33 +194,42 @@ class GenRM:
         except JudgeOutputError as exc:
             return OrderResult(**base, status="error", error=str(exc))
         winner = _slot_to_winner(parsed.verdict, a_first)
+        if self.config.verdict_logprobs:
+            probs = verdict_probabilities(result.token_logprobs or [], template.verdict_anchor, template.verdict_values)
+            if probs is None:
+                return OrderResult(**base, status="error", error="engine returned no logprobs at the verdict")
+            priced = _priced(probs, a_first)
+        else:
+            priced = {"p_a": OUTCOME_SCORE[winner]}
         comparisons = [
             Comparison(principle=pid, winner=_slot_to_winner(slot, a_first), reason=reason)
             for pid, slot, reason in parsed.comparisons
         ]
         return OrderResult(
             **base,
+            **priced,
             status="ok",
             winner=winner,
-            p_a=OUTCOME_SCORE[winner],
             principles=list(dict.fromkeys(c.principle for c in comparisons)),
             comparisons=comparisons,
             pattern=pattern_of([c.winner for c in comparisons]),
         )
 
     @staticmethod
-    def _read_fast(result: GenResult, base: dict, a_first: bool) -> OrderResult:
+    def _fast_probabilities(result: GenResult, template: JudgeTemplate) -> dict[Slot, float] | None:
+        """P(slot) of a fast answer: walked from the token alternatives when the engine lists them
+        (values sharing a first token, like cand_1/cand_2, are split where they diverge), else the
+        engine's own choice scores (exact on the transformers engine)."""
+        if result.token_logprobs:
+            probs = verdict_probabilities(result.token_logprobs, _VALUE_AT_START, template.verdict_values)
+            if probs is not None:
+                return probs
         logprobs = result.choice_logprobs or {}
-        if set(logprobs) != set(FAST_CHOICES) or not all(math.isfinite(v) for v in logprobs.values()):
-            return OrderResult(**base, status="error", error=f"engine returned no usable choice logprobs: {logprobs}")
-        probs = {k: math.exp(v) for k, v in logprobs.items()}
-        total = sum(probs.values())
-        probs = {k: v / total for k, v in probs.items()}
-        slot_of_a = "A" if a_first else "B"
-        p_a = probs[slot_of_a] + 0.5 * probs["tie"]
-        best: Slot = max(SLOTS, key=lambda s: probs[s])
-        by_winner = {_slot_to_winner(slot, a_first): p for slot, p in probs.items()}
-        return OrderResult(**base, status="ok", winner=_slot_to_winner(best, a_first), p_a=p_a, probs=by_winner)
+        slot_of = dict(template.verdict_values)
+        if set(logprobs) != set(slot_of) or not all(math.isfinite(v) for v in logprobs.values()):
+            return None
+        total = sum(math.exp(v) for v in logprobs.values())
+        return {slot_of[k]: math.exp(v) / total for k, v in logprobs.items()}
 
     def combine(self, req: JudgeRequest, orders: list[OrderResult]) -> Verdict:
         """Fold the orders of one pair: mean P(a≻b). cot: disagreeing winners → tie, inconsistent.
@@ -215,7 +251,7 @@ class GenRM:
             return Verdict(**common, status="error", error="; ".join(o.error or "error" for o in failed))
         winners = {o.winner for o in orders}
         consistent = len(winners) == 1 if len(orders) > 1 else None
-        if all(o.probs for o in orders):
+        if req.mode == "fast":
             # fast mode: the most likely outcome of the order-averaged distribution, so a judge's
             # preference for one slot cancels out instead of turning every split decision into a tie
             mean = {w: sum(o.probs[w] for o in orders) / len(orders) for w in ("a", "b", "tie")}  # type: ignore[index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import combinations
 from typing import Literal
@@ -64,3 +65,63 @@ def win_rates(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdi
         counts[i] += 1
         counts[j] += 1
     return [totals[k] / counts[k] if counts[k] else None for k in range(n)]
+
+
+GroupAggregate = Literal["winrate", "bradley_terry"]
+
+
+def bradley_terry(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdict],
+                  kind: RewardKind = "discrete", *, prior_games: float = 1.0,
+                  max_iter: int = 1000, tol: float = 1e-10) -> list[float | None]:
+    """Each member's expected score against the rest of its group under a Bradley–Terry fit.
+
+    Strengths π are fitted to the judged pairs (a tie, or P(a≻b) with kind="prob", is a fractional win)
+    by Hunter's MM iteration. ``prior_games`` adds that many drawn games of each member against a fixed
+    member of strength 1, so an undefeated member stays finite. The reward of member i is the mean of
+    π_i / (π_i + π_j) over the other judged members j: on the win-rate scale (0..1), but a win over a
+    strong member counts more than one over a weak member. None for a member with no judged pair.
+    """
+    wins = [0.0] * n
+    games: dict[tuple[int, int], float] = {}
+    judged = [False] * n
+    for (i, j), verdict in zip(pairs, verdicts, strict=True):
+        score = verdict_reward(verdict, kind)
+        if score is None:
+            continue
+        wins[i] += score
+        wins[j] += 1.0 - score
+        key = (min(i, j), max(i, j))
+        games[key] = games.get(key, 0.0) + 1.0
+        judged[i] = judged[j] = True
+    members = [k for k in range(n) if judged[k]]
+    strength = [1.0] * n
+    for _ in range(max_iter):
+        updated = list(strength)
+        for i in members:
+            denominator = prior_games / (strength[i] + 1.0)
+            for (x, y), count in games.items():
+                if i in (x, y):
+                    other = y if i == x else x
+                    denominator += count / (strength[i] + strength[other])
+            updated[i] = (wins[i] + 0.5 * prior_games) / denominator if denominator > 0 else strength[i]
+        if prior_games == 0:  # without the fixed member only ratios are identified: geometric mean 1
+            scale = math.exp(sum(math.log(max(updated[i], 1e-300)) for i in members) / max(len(members), 1))
+            updated = [s / scale for s in updated]
+        change = max((abs(math.log(updated[i] / strength[i])) for i in members), default=0.0)
+        strength = updated
+        if change < tol:
+            break
+    rewards: list[float | None] = [None] * n
+    for i in members:
+        others = [j for j in members if j != i]
+        if others:
+            rewards[i] = sum(strength[i] / (strength[i] + strength[j]) for j in others) / len(others)
+    return rewards
+
+
+def group_rewards(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdict],
+                  kind: RewardKind = "discrete", aggregate: GroupAggregate = "winrate") -> list[float | None]:
+    """Rewards of a group's members from their pairwise verdicts: win rate or Bradley–Terry."""
+    if aggregate == "bradley_terry":
+        return bradley_terry(n, pairs, verdicts, kind)
+    return win_rates(n, pairs, verdicts, kind)

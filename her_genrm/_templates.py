@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from her_engines import ChatMessage
+from her_engines import ChatMessage, TokenLogprobs
 from her_roleplay import PrincipleLibrary
 
 Slot = Literal["A", "B", "tie"]
@@ -139,6 +140,14 @@ class CompactTemplate:
         per_comparison = 20 + longest_id_tokens + 2 + REASON_MAX_CHARS
         return MAX_PRINCIPLES * per_comparison + 16
 
+    # Where the verdict's value starts in a cot answer, and how each slot is written there.
+    verdict_anchor = re.compile(r'"verdict":"')
+    verdict_values: tuple[tuple[str, Slot], ...] = (("A", "A"), ("B", "B"), ("tie", "tie"))
+
+    def fast_request(self) -> tuple[str, list[str]]:
+        """(assistant prefill, choices) of a fast verdict: no prefill, the slot names."""
+        return "", [value for value, _ in self.verdict_values]
+
     def output_schema(self) -> dict[str, Any]:
         """JSON schema of a cot answer; principle ids are an enum of the library so output always parses."""
         return {
@@ -170,6 +179,11 @@ class CompactTemplate:
 
 
 HER_RM_PLACEHOLDERS = ("{context}", "{cand_1}", "{cand_2}")
+# Analysis, principle summary and an optional <think> block, beyond the echoed candidates.
+HER_RM_BASE_TOKENS = 2048
+# A conservative characters-per-token rate (English BPE averages about 4), so the budget errs long.
+HER_RM_CHARS_PER_TOKEN = 3
+HER_RM_FAST_PREFILL = '```json\n{\n    "result": [\n        {\n            "better_response": "'
 
 
 @dataclass(frozen=True)
@@ -197,12 +211,27 @@ class HerRMTemplate:
         return _sha(self.name + "\x00" + self.text)
 
     def messages(self, context: list[ChatMessage] | str, first: str, second: str, *, fast: bool) -> list[ChatMessage]:
+        """The operator's template with the inputs filled in, unchanged in both modes (fast mode reads
+        the verdict from a prefilled answer instead of adding instructions, see `fast_request`)."""
         values = {"{context}": render_context(context), "{cand_1}": first, "{cand_2}": second}
         pattern = re.compile("|".join(re.escape(p) for p in HER_RM_PLACEHOLDERS))
         prompt = pattern.sub(lambda m: values[m.group(0)], self.text)
-        if fast:
-            prompt += '\n\nAnswer with a single token: A if cand_1 is better, B if cand_2 is better, or tie.'
         return [ChatMessage(role="user", content=prompt)]
+
+    verdict_anchor = re.compile(r'"better_response"\s*:\s*"')
+    verdict_values: tuple[tuple[str, Slot], ...] = (("cand_1", "A"), ("cand_2", "B"), ("tie", "tie"))
+
+    def fast_request(self) -> tuple[str, list[str]]:
+        """(assistant prefill, choices) of a fast verdict: the answer HER-RM writes, opened as its
+        training target is (fenced JSON, ``result`` list) and cut where ``better_response`` takes its
+        value, so the model's own verdict tokens are scored without its analysis."""
+        return HER_RM_FAST_PREFILL, [value for value, _ in self.verdict_values]
+
+    @staticmethod
+    def max_output_tokens(first: str, second: str) -> int:
+        """A budget sized from the inputs: HER-RM's answer repeats both candidates word for word
+        before its analysis (and may open with a <think> block)."""
+        return HER_RM_BASE_TOKENS + math.ceil((len(first) + len(second)) / HER_RM_CHARS_PER_TOKEN)
 
 
 JudgeTemplate = CompactTemplate | HerRMTemplate
@@ -267,24 +296,133 @@ def _her_rm_slot(value: Any) -> Slot | None:
     return _HER_RM_SLOTS.get(key)  # type: ignore[return-value]
 
 
+_THINK_BLOCK = re.compile(r"\s*<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_REASON_KEYS = ("analysis", "reason", "comparison", "explanation")
+_NAME_KEYS = ("principle_name", "name", "principle", "id")
+
+
+def _strip_think(text: str) -> str:
+    """The answer after a leading <think>…</think> block (HER-RM after RL opens with one)."""
+    match = _THINK_BLOCK.match(text)
+    if match:
+        return text[match.end():]
+    if text.lstrip().lower().startswith("<think>"):
+        raise JudgeOutputError("the judge's <think> block never closed")
+    return text
+
+
+def _her_rm_record(data: dict[str, Any]) -> dict[str, Any]:
+    """The judgment object: the document itself, or the first entry of its ``result`` list."""
+    result = data.get("result")
+    if result is None:
+        return data
+    entries = result if isinstance(result, list) else [result]
+    record = next((e for e in entries if isinstance(e, dict)), None)
+    if record is None:
+        raise JudgeOutputError("`result` holds no judgment object")
+    return record
+
+
+def _her_rm_entries(record: dict[str, Any]) -> list[Any]:
+    """Per-principle entries wherever HER-RM puts them: ``analysis.principle_comparisons`` (its
+    training target) or a top-level list."""
+    analysis = record.get("analysis")
+    holders = [analysis, record] if isinstance(analysis, dict) else [record]
+    for holder in holders:
+        for key in ("principle_comparisons", "comparisons", "principles"):
+            if isinstance(holder.get(key), list):
+                return holder[key]
+    return []
+
+
+def _first_text(item: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return next((str(item[k]) for k in keys if isinstance(item.get(k), str | int) and str(item[k]).strip()), "")
+
+
 def parse_her_rm(text: str) -> ParsedJudgment:
-    """Read HER-RM output: JSON (bare or in a fenced block) with `better_response` and
-    per-principle entries carrying a `winner`. Principle names are kept as given."""
-    data = _first_json_object(text)
-    verdict = _her_rm_slot(data.get("better_response", ""))
+    """Read HER-RM output in any shape it writes: bare or fenced JSON, optionally after a
+    ``<think>`` block; the judgment at the top level or inside ``{"result": [...]}``; per-principle
+    winners in ``analysis.principle_comparisons`` (or a top-level list). Principle names are kept
+    as given (HER-RM invents its principles)."""
+    record = _her_rm_record(_first_json_object(_strip_think(text)))
+    verdict = _her_rm_slot(record.get("better_response", ""))
     if verdict is None:
-        raise JudgeOutputError(f"better_response is {data.get('better_response')!r}, not cand_1, cand_2 or tie")
+        raise JudgeOutputError(f"better_response is {record.get('better_response')!r}, not cand_1, cand_2 or tie")
     comparisons = []
-    entries = next((data[k] for k in ("principles", "comparisons", "principle_comparisons") if k in data), [])
-    for item in entries if isinstance(entries, list) else []:
+    for item in _her_rm_entries(record):
         if not isinstance(item, dict):
             continue
         slot = _her_rm_slot(item.get("winner", ""))
         if slot is None:
             continue
-        name = str(item.get("name") or item.get("principle") or item.get("id") or "")
-        comparisons.append((name, slot, str(item.get("analysis") or item.get("reason") or "")))
+        reason = _first_text(item, _REASON_KEYS) or " / ".join(
+            f"{side}: {item[f'{side}_analysis']}" for side in ("cand_1", "cand_2") if item.get(f"{side}_analysis")
+        )
+        comparisons.append((_first_text(item, _NAME_KEYS), slot, reason))
     return ParsedJudgment(verdict=verdict, comparisons=comparisons)
+
+
+def verdict_probabilities(
+    entries: list[TokenLogprobs], anchor: re.Pattern[str], values: tuple[tuple[str, Slot], ...]
+) -> dict[Slot, float] | None:
+    """P(A), P(B), P(tie) read from the tokens that wrote the verdict's value.
+
+    ``entries`` are the generated tokens with their top alternatives; the value starts after the last
+    match of ``anchor`` in their concatenated text. Walking the written tokens from there, each
+    alternative that spells the start of exactly one other value gives that value its probability
+    (times the probability of the path so far); an alternative that leaves the same values open as the
+    written token (``cand`` for ``c``) joins the path, and the path's mass goes to the value it spells.
+    Values sharing a first token (``cand_1``/``cand_2``) are thus split where they diverge. The result
+    is normalised over the values; None when the verdict position is missing or nothing was listed.
+    """
+    joined = "".join(t for t, _, _ in entries)
+    start = None
+    for match in anchor.finditer(joined):
+        start = match.end()
+    if start is None:
+        return None
+    found = dict.fromkeys((v for v, _ in values), 0.0)
+    written, mass, position = "", 1.0, 0
+    for token, logprob, alternatives in entries:
+        end = position + len(token)
+        if end <= start:
+            position = end
+            continue
+        live = [v for v in found if v.startswith(written)]
+        if len(live) <= 1:
+            break
+        head = max(0, start - position)  # characters of this token before the value starts
+        path = [v for v in live if _spells(v[len(written):], token[head:])]
+        step = math.exp(logprob)
+        for alt, alt_logprob in alternatives:
+            if alt == token or alt[:head] != token[:head]:
+                continue
+            spelled = [v for v in live if _spells(v[len(written):], alt[head:])]
+            if len(spelled) == 1:
+                found[spelled[0]] += mass * math.exp(alt_logprob)
+            elif spelled and spelled == path:  # another spelling of the same open choice ("cand" / "c")
+                step += math.exp(alt_logprob)
+        mass *= step
+        written += token[head:]
+        position = end
+    complete = [v for v in found if written.startswith(v) or v.startswith(written)]
+    if len(complete) == 1:
+        found[complete[0]] += mass
+    total = sum(found.values())
+    if total <= 0 or not math.isfinite(total):
+        return None
+    slot_of = dict(values)
+    return {slot_of[v]: p / total for v, p in found.items()}
+
+
+def _spells(rest: str, tail: str) -> bool:
+    """Whether a token `tail` continues a value whose unwritten part is `rest` (and, if it goes
+    past the value, closes the string)."""
+    if not tail:
+        return False
+    if rest.startswith(tail):
+        return True
+    return tail.startswith(rest) and tail[len(rest) : len(rest) + 1] in ('"', "")
 
 
 def render_compact(verdict: Slot, comparisons: list[tuple[str, Slot, str]]) -> str:

@@ -8,9 +8,31 @@ call, as schema-constrained JSON::
 
 Per dimension: ``score = clip(100 - 5 * (sum(severity) - 0.3 * actor_rounds), 0, 100)``, where
 ``actor_rounds`` counts the re-enactment's lines spoken by characters (Environment excluded); the
-sample's score is the mean of its dimensions. Severities are clamped to 1..5 whatever the judge says.
-Unreadable judge output is retried (new seed, some temperature) and then reported as that dimension's
-error: the transcript's ``average`` is then None and its status ``"error"`` -- never a default score.
+sample's score is the mean of its dimensions. Unreadable judge output is retried (new seed, some
+temperature) and then reported as that dimension's error: the transcript's ``average`` is then None
+and its status ``"error"`` -- never a default score.
+
+Two scoring protocols (:data:`ScoringProtocol`) share this formula and differ in what the judge is
+asked for and how its answer is read:
+
+- ``"coser"`` (the default, comparable with published CoSER numbers): the judge names flaw types with
+  CoSER's own type names (``"Flow & Progression"``, ``"Self-identity"``, ...), and severities run
+  1..5, except mechanical repetition (``flow_progression``, CoSER's "Flow & Progression") which may
+  reach 10, as CoSER's criteria allow. A flaw without a severity counts 1, as in CoSER. Parsed flaws
+  carry CoSER's names.
+- ``"her"``: our snake_case type names and severities 1..5 for every type.
+
+Either parser accepts both spellings of a type (case, spaces and punctuation ignored) and maps them to
+the protocol's canonical name; severities are clamped to the type's range. Where CoSER's own scoring
+is more permissive, we are stricter and say so: CoSER counts flaws of any type name, counts an
+out-of-range severity as given and silently drops non-integer severities from the sum; here an unknown
+type or a non-numeric severity makes the output unreadable (retried), and a whole-number float counts.
+With schema-constrained decoding none of these cases can occur.
+
+Identical flaws count once, in both protocols: within one dimension's list, flaws with the same type
+and the same instance text (compared case-, space- and punctuation-insensitively) are one flaw, with
+the highest severity given. (A small judge may list the same flaw many times; CoSER's judged examples
+contain no such repeats, so this does not change any of its published scores.)
 
 Both conversations reach the judge without inner thoughts (only what an audience could see or hear),
 with every line labelled by its speaker.
@@ -21,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -44,36 +67,91 @@ DIMENSION_TITLES: dict[str, str] = {
     "storyline_quality": "Storyline Quality",
 }
 
-# The flaw types of each dimension (the spec); the definitions are ours.
-FLAW_TYPES: dict[str, dict[str, str]] = {
+ScoringProtocol = Literal["coser", "her"]
+SCORING_PROTOCOLS: tuple[ScoringProtocol, ...] = get_args(ScoringProtocol)
+
+MAX_INSTANCE_CHARS = 200
+SEVERITY_MIN, SEVERITY_MAX = 1, 5
+COSER_SEVERITY_MAX = 10  # CoSER lets mechanical repetition (Flow & Progression) reach 10
+POINTS_PER_SEVERITY = 5.0
+ACTOR_ROUND_CREDIT = 0.3
+_RAW_KEEP = 2_000  # judge output kept on errors, for diagnosis
+
+
+@dataclass(frozen=True)
+class FlawType:
+    """One flaw type: what it means (our words), CoSER's name for it, and the highest severity
+    CoSER's criteria allow for it (ours is always 5)."""
+
+    meaning: str
+    coser: str
+    coser_max_severity: int = SEVERITY_MAX
+
+
+# The flaw types of each dimension (the spec), keyed by our names; the definitions are ours.
+FLAW_TYPES: dict[str, dict[str, FlawType]] = {
     "storyline_consistency": {
-        "reaction_deviation": "a character reacts differently from the book's version of the scene: another "
-        "feeling, attitude, decision or action than the original shows at that point",
+        "reaction_deviation": FlawType(
+            "a character reacts differently from the book's version of the scene: another feeling, "
+            "attitude, decision or action than the original shows at that point",
+            coser="Storyline Consistency",
+        ),
     },
     "anthropomorphism": {
-        "self_identity": "a character loses their own self: talks like a helpful assistant, serves others "
-        "without motives of their own, or forgets who they are",
-        "emotional_depth": "feelings are absent, flat or merely announced where the moment calls for "
-        "genuine, layered emotion",
-        "persona_coherence": "a character's manner, values or mood change within the scene without a reason",
-        "social_interaction": "a character ignores or misreads what others just said or did, or talks past "
-        "them instead of responding",
+        "self_identity": FlawType(
+            "a character loses their own self: talks like a helpful assistant, serves others without "
+            "motives of their own, or forgets who they are",
+            coser="Self-identity",
+        ),
+        "emotional_depth": FlawType(
+            "feelings are absent, flat or merely announced where the moment calls for genuine, layered "
+            "emotion",
+            coser="Emotional Depth",
+        ),
+        "persona_coherence": FlawType(
+            "a character's manner, values or mood change within the scene without a reason",
+            coser="Persona Coherence",
+        ),
+        "social_interaction": FlawType(
+            "a character ignores or misreads what others just said or did, or talks past them instead "
+            "of responding",
+            coser="Social Interaction",
+        ),
     },
     "character_fidelity": {
-        "language_style": "vocabulary, tone or way of speaking that does not fit the character or the "
-        "book's time and setting",
-        "knowledge": "the character knows what they could not know at this point of the story, or "
-        "forgets what they should know",
-        "personality_behavior": "feelings, habits or choices that contradict the character's personality "
-        "as the book draws it",
-        "relationships": "the character treats another character in a way that does not match their "
-        "relationship in the book",
+        "language_style": FlawType(
+            "vocabulary, tone or way of speaking that does not fit the character or the book's time and "
+            "setting",
+            coser="Character Language",
+        ),
+        "knowledge": FlawType(
+            "the character knows what they could not know at this point of the story, or forgets what "
+            "they should know",
+            coser="Knowledge & Background",
+        ),
+        "personality_behavior": FlawType(
+            "feelings, habits or choices that contradict the character's personality as the book draws "
+            "it",
+            coser="Personality & Behavior",
+        ),
+        "relationships": FlawType(
+            "the character treats another character in a way that does not match their relationship "
+            "in the book",
+            coser="Relationship & Social Status",
+        ),
     },
     "storyline_quality": {
-        "flow_progression": "the conversation stalls, repeats itself, drags, or jumps without transition; "
-        "the scene does not develop",
-        "logical_consistency": "facts, events or details contradict each other within the re-enactment, "
-        "or contradict the scenario",
+        "flow_progression": FlawType(
+            "the conversation stalls, repeats itself, drags, or jumps without transition; the scene "
+            "does not develop",
+            coser="Flow & Progression",
+            coser_max_severity=COSER_SEVERITY_MAX,
+        ),
+        "logical_consistency": FlawType(
+            "facts, events or details contradict each other within the re-enactment, or contradict the "
+            "scenario",
+            coser="Logical Consistency",
+        ),
     },
 }
 
@@ -88,36 +166,94 @@ _ASPECTS: dict[str, str] = {
     "conversation move forward naturally, and does it hold together logically?",
 }
 
-MAX_INSTANCE_CHARS = 200
-SEVERITY_MIN, SEVERITY_MAX = 1, 5
-POINTS_PER_SEVERITY = 5.0
-ACTOR_ROUND_CREDIT = 0.3
-_RAW_KEEP = 2_000  # judge output kept on errors, for diagnosis
+
+# --- flaw types per protocol ---------------------------------------------------------------------------
+
+
+def flaw_type_name(dimension: str, our_name: str, protocol: ScoringProtocol = "coser") -> str:
+    """The canonical name of one of our flaw types under ``protocol``."""
+    _check_protocol(protocol)
+    return FLAW_TYPES[dimension][our_name].coser if protocol == "coser" else our_name
+
+
+def flaw_type_names(dimension: str, protocol: ScoringProtocol = "coser") -> list[str]:
+    """The canonical flaw type names of ``dimension`` under ``protocol`` (the judge's choices)."""
+    _check_dimension(dimension)
+    return [flaw_type_name(dimension, name, protocol) for name in FLAW_TYPES[dimension]]
+
+
+def max_severity(dimension: str, type_name: str, protocol: ScoringProtocol = "coser") -> int:
+    """The highest severity a flaw of ``type_name`` (either spelling) may carry under ``protocol``."""
+    ours = _lookup_type(dimension, type_name)
+    if ours is None:
+        raise ValueError(f"{dimension} has no flaw type {type_name!r}")
+    return FLAW_TYPES[dimension][ours].coser_max_severity if protocol == "coser" else SEVERITY_MAX
+
+
+def _type_key(name: str) -> str:
+    """Case-, space- and punctuation-free form of a type name; "and" counts as "&"."""
+    return re.sub(r"[\W_]+", "", re.sub(r"\band\b", "", str(name).casefold()))
+
+
+_TYPE_INDEX: dict[str, dict[str, str]] = {
+    dim: {key: ours for ours, ft in types.items() for key in (_type_key(ours), _type_key(ft.coser))}
+    for dim, types in FLAW_TYPES.items()
+}
+
+
+def _lookup_type(dimension: str, name: object) -> str | None:
+    """Our name for a type given in either spelling, or None."""
+    return _TYPE_INDEX[dimension].get(_type_key(str(name)))
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in SCORING_PROTOCOLS:
+        raise ValueError(f"unknown scoring protocol {protocol!r}; expected one of {', '.join(SCORING_PROTOCOLS)}")
 
 
 # --- the formula -------------------------------------------------------------------------------------
 
 
-def clamp_severity(value: int) -> int:
-    return max(SEVERITY_MIN, min(SEVERITY_MAX, int(value)))
+def clamp_severity(value: int, maximum: int = SEVERITY_MAX) -> int:
+    return max(SEVERITY_MIN, min(maximum, int(value)))
 
 
-def transcript_score(severities: Sequence[int], actor_rounds: int) -> float:
+def transcript_score(
+    severities: Sequence[int], actor_rounds: int, protocol: ScoringProtocol = "coser"
+) -> float:
     """``clip(100 - 5 * (sum(clamped severities) - 0.3 * actor_rounds), 0, 100)``.
 
     Longer re-enactments earn a small allowance per character line, since they offer more room for
-    flaws. Example: severities [2, 3, 2, 3] with 11 actor rounds give 66.5.
+    flaws. Severities are clamped to 1..5 ("her") or 1..10 ("coser": the widest range CoSER allows;
+    :func:`parse_flaws` applies each type's own limit). Example: severities [2, 3, 2, 3] with 11
+    actor rounds give 66.5.
     """
+    _check_protocol(protocol)
     if actor_rounds < 0:
         raise ValueError(f"actor_rounds must be >= 0, got {actor_rounds}")
-    total = sum(clamp_severity(s) for s in severities)
+    top = COSER_SEVERITY_MAX if protocol == "coser" else SEVERITY_MAX
+    total = sum(clamp_severity(s, top) for s in severities)
     raw = 100.0 - POINTS_PER_SEVERITY * (total - ACTOR_ROUND_CREDIT * actor_rounds)
     return round(min(100.0, max(0.0, raw)), 6)  # round away float noise (66.49999999 -> 66.5)
 
 
-def count_actor_rounds(transcript: Sequence[DialogueLine]) -> int:
-    """Lines spoken by characters, i.e. every line not narrated by Environment."""
-    return sum(1 for line in transcript if line.character.strip().casefold() != ENVIRONMENT.casefold())
+def count_actor_rounds(transcript: Sequence[DialogueLine | Mapping[str, Any]]) -> int:
+    """Lines spoken by characters, i.e. every line not narrated by Environment.
+
+    Lines are :class:`DialogueLine` or CoSER records (``{"role", "content"}`` or
+    ``{"character", "message"}``); CoSER's next-speaker records (role ``NSP``) are no lines at all.
+    """
+    count = 0
+    for line in transcript:
+        if isinstance(line, Mapping):
+            speaker = str(line.get("character", line.get("role", "")))
+            if "character" not in line and speaker == "NSP":
+                continue
+        else:
+            speaker = line.character
+        if speaker.strip().casefold() != ENVIRONMENT.casefold():
+            count += 1
+    return count
 
 
 # --- judge output --------------------------------------------------------------------------------------
@@ -125,21 +261,30 @@ def count_actor_rounds(transcript: Sequence[DialogueLine]) -> int:
 
 class Flaw(BaseModel):
     instance: str = Field(description=f"where the flaw shows, at most {MAX_INSTANCE_CHARS} characters")
-    type: str
-    severity: int = Field(ge=SEVERITY_MIN, le=SEVERITY_MAX)
+    type: str = Field(description="the protocol's canonical name of the flaw type")
+    severity: int = Field(ge=SEVERITY_MIN, le=COSER_SEVERITY_MAX)
 
 
 def flaw_schema(
-    dimension: str, max_flaws: int = 10, max_instance_chars: int = MAX_INSTANCE_CHARS
+    dimension: str,
+    max_flaws: int = 10,
+    max_instance_chars: int = MAX_INSTANCE_CHARS,
+    protocol: ScoringProtocol = "coser",
 ) -> dict[str, Any]:
-    """The JSON schema the judge's output must follow for ``dimension``."""
+    """The JSON schema the judge's output must follow for ``dimension`` under ``protocol``.
+
+    The severity bound is the dimension's widest (10 for storyline quality under "coser"); a type
+    with a lower limit is clamped to it when parsed.
+    """
     _check_dimension(dimension)
+    _check_protocol(protocol)
+    top = max(max_severity(dimension, name, protocol) for name in FLAW_TYPES[dimension])
     item = {
         "type": "object",
         "properties": {
             "instance": {"type": "string", "maxLength": max_instance_chars},
-            "type": {"enum": list(FLAW_TYPES[dimension])},
-            "severity": {"type": "integer", "minimum": SEVERITY_MIN, "maximum": SEVERITY_MAX},
+            "type": {"enum": flaw_type_names(dimension, protocol)},
+            "severity": {"type": "integer", "minimum": SEVERITY_MIN, "maximum": top},
         },
         "required": ["instance", "type", "severity"],
         "additionalProperties": False,
@@ -152,38 +297,63 @@ def flaw_schema(
     }
 
 
-def parse_flaws(text: str, dimension: str) -> list[Flaw]:
+def parse_flaws(text: str, dimension: str, protocol: ScoringProtocol = "coser") -> list[Flaw]:
     """Read the judge's flaw list. Raises :class:`JudgeOutputError` when it is not one.
 
-    Lenient only where it cannot change the meaning: a fenced JSON block is accepted, severities are
-    clamped to 1..5 (a whole-number float is accepted), an over-long instance is cut, flaw type names
-    are matched ignoring case and spaces. A missing list, an unknown flaw type or a non-numeric
+    Lenient only where it cannot change the meaning: a fenced JSON block is accepted, and so is
+    CoSER's own answer shape ``{"<Dimension Title>": {"flaws": [...]}}``; flaw type names in either
+    spelling (ours or CoSER's) are matched ignoring case, spaces and punctuation and come back under
+    the protocol's canonical name; severities are clamped to the type's range (a whole-number float
+    is accepted; under "coser" a missing severity counts 1, as in CoSER); an over-long instance is
+    cut. Identical flaws (same type, same instance text up to case, spacing and punctuation) are
+    merged into one with the highest severity. A missing list, an unknown flaw type or a non-numeric
     severity is an error.
     """
     _check_dimension(dimension)
+    _check_protocol(protocol)
     data = _first_json_object(text)
     flaws = data.get("flaws") if isinstance(data, dict) else None
+    if flaws is None and isinstance(data, dict):  # CoSER's shape: the list under the dimension's title
+        inner = next(
+            (v for k, v in data.items() if _type_key(k) == _type_key(DIMENSION_TITLES[dimension])), None
+        )
+        flaws = inner.get("flaws") if isinstance(inner, dict) else None
     if not isinstance(flaws, list):
         raise JudgeOutputError("judge output has no `flaws` list")
-    known = {t.casefold(): t for t in FLAW_TYPES[dimension]}
-    out = []
+    merged: dict[tuple[str, str], Flaw] = {}
     for i, item in enumerate(flaws):
         if not isinstance(item, dict):
             raise JudgeOutputError(f"flaw {i} is not an object: {item!r}")
-        kind = known.get(str(item.get("type", "")).strip().casefold().replace(" ", "_").replace("-", "_"))
-        if kind is None:
+        ours = _lookup_type(dimension, item.get("type", ""))
+        if ours is None:
             raise JudgeOutputError(
                 f"flaw {i} has type {item.get('type')!r}; "
-                f"{dimension} allows {', '.join(FLAW_TYPES[dimension])}"
+                f"{dimension} allows {', '.join(flaw_type_names(dimension, protocol))}"
             )
         severity = item.get("severity")
+        if severity is None and protocol == "coser":
+            severity = SEVERITY_MIN  # CoSER counts a flaw without a severity as 1
         if isinstance(severity, bool) or not isinstance(severity, int | float) or not math.isfinite(severity):
             raise JudgeOutputError(f"flaw {i} has severity {severity!r}, not a number")
         if severity != int(severity):
             raise JudgeOutputError(f"flaw {i} has severity {severity!r}, not a whole number")
-        instance = str(item.get("instance", "")).strip()[:MAX_INSTANCE_CHARS]
-        out.append(Flaw(instance=instance, type=kind, severity=clamp_severity(int(severity))))
-    return out
+        instance = str(item.get("instance", "")).strip()
+        flaw = Flaw(
+            instance=instance[:MAX_INSTANCE_CHARS],
+            type=flaw_type_name(dimension, ours, protocol),
+            severity=clamp_severity(int(severity), max_severity(dimension, ours, protocol)),
+        )
+        key = (ours, _instance_key(instance))
+        if key not in merged:
+            merged[key] = flaw
+        elif flaw.severity > merged[key].severity:  # a repeat: keep the first wording, the highest severity
+            merged[key] = merged[key].model_copy(update={"severity": flaw.severity})
+    return list(merged.values())
+
+
+def _instance_key(instance: str) -> str:
+    """An instance text compared ignoring case, spacing and punctuation."""
+    return " ".join(re.sub(r"[\W_]+", " ", instance.casefold()).split())
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -234,10 +404,13 @@ def build_transcript_judge_prompt(
     *,
     max_flaws: int = 10,
     max_instance_chars: int = MAX_INSTANCE_CHARS,
+    protocol: ScoringProtocol = "coser",
 ) -> list[ChatMessage]:
     """System and user messages asking for ``dimension``'s flaws in ``transcript`` (a re-enactment of
-    ``scene``). Sections whose source is missing from the scene are left out."""
+    ``scene``), with the flaw type names and severity range of ``protocol``. Sections whose source is
+    missing from the scene are left out."""
     _check_dimension(dimension)
+    _check_protocol(protocol)
     original = render_transcript(scene.dialogues)
     simulated = render_transcript(transcript)
     nonce = hashlib.sha256("\x00".join([scene.sample_id, original, simulated]).encode()).hexdigest()[:10]
@@ -270,15 +443,29 @@ def build_transcript_judge_prompt(
         )
     else:
         aspect = _ASPECTS[dimension]
-    types = "\n".join(f"- {name}: {meaning}" for name, meaning in FLAW_TYPES[dimension].items())
+    types = "\n".join(
+        f"- {flaw_type_name(dimension, name, protocol)}: {ft.meaning}"
+        for name, ft in FLAW_TYPES[dimension].items()
+    )
     parts.append(f"## The aspect to review: {title}\n{aspect}\n\nFlaw types for this aspect:\n{types}")
+    longer = [
+        flaw_type_name(dimension, name, protocol)
+        for name in FLAW_TYPES[dimension]
+        if max_severity(dimension, name, protocol) > SEVERITY_MAX
+    ]
+    extended = (
+        f" A character who keeps mechanically repeating their own words or phrases is a {longer[0]} "
+        f"flaw whose severity grows with the repetitions, up to {COSER_SEVERITY_MAX}."
+        if longer
+        else ""
+    )
     parts.append(
         "## Your answer\n"
         "List every flaw of this aspect you find in the re-enactment (not in the book's version), at most "
-        f"{max_flaws}. For each: `instance` quotes or describes where it happens (at most "
+        f"{max_flaws}, each one once. For each: `instance` quotes or describes where it happens (at most "
         f"{max_instance_chars} characters), `type` is one of the flaw types above, `severity` runs from 1 "
-        "(a small slip) through 3 (a clear problem) to 5 (it breaks the scene). Flaws of other aspects do "
-        "not count. Reply with one JSON object and nothing else, like "
+        f"(a small slip) through 3 (a clear problem) to 5 (it breaks the scene).{extended} Flaws of other "
+        "aspects do not count. Reply with one JSON object and nothing else, like "
         '{"flaws": [{"instance": "...", "type": "...", "severity": 2}]}, '
         'or {"flaws": []} when there is nothing to criticise.'
     )
@@ -351,7 +538,9 @@ def fold_scores(
 @dataclass
 class TranscriptScorerConfig:
     """Decoding of the flaw judge. ``attempts`` counts the first try; retries use a new seed and
-    ``retry_temperature`` so that they can differ from a failed greedy answer."""
+    ``retry_temperature`` so that they can differ from a failed greedy answer. ``protocol`` picks the
+    flaw type names and severity ranges (see the module docstring); "coser" keeps scores comparable
+    with published CoSER numbers."""
 
     max_tokens: int = 1024
     max_flaws: int = 10
@@ -359,8 +548,10 @@ class TranscriptScorerConfig:
     attempts: int = 2
     temperature: float = 0.0
     retry_temperature: float = 0.7
+    protocol: ScoringProtocol = "coser"
 
     def __post_init__(self) -> None:
+        _check_protocol(self.protocol)
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
         if min(self.max_flaws, self.max_tokens, self.max_instance_chars) < 1:
@@ -411,7 +602,12 @@ class TranscriptScorer:
         actor_rounds = count_actor_rounds(lines)
         prompts = {
             d: build_transcript_judge_prompt(
-                scene, lines, d, max_flaws=cfg.max_flaws, max_instance_chars=cfg.max_instance_chars
+                scene,
+                lines,
+                d,
+                max_flaws=cfg.max_flaws,
+                max_instance_chars=cfg.max_instance_chars,
+                protocol=cfg.protocol,
             )
             for d in dims
         }
@@ -425,7 +621,7 @@ class TranscriptScorer:
             requests = [
                 GenRequest(
                     messages=prompts[d],
-                    json_schema=flaw_schema(d, cfg.max_flaws, cfg.max_instance_chars),
+                    json_schema=flaw_schema(d, cfg.max_flaws, cfg.max_instance_chars, cfg.protocol),
                     max_tokens=cfg.max_tokens,
                     temperature=temperature,
                     seed=_mix(base_seed, d, attempt),
@@ -441,7 +637,7 @@ class TranscriptScorer:
                     prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, calls=1
                 )
                 try:
-                    flaws = _read(res, d)
+                    flaws = _read(res, d, cfg.protocol)
                 except JudgeOutputError as exc:
                     errors[d] = (str(exc), res.text[:_RAW_KEEP] if res.text else None)
                     still.append(d)
@@ -450,7 +646,7 @@ class TranscriptScorer:
                 results[d] = DimensionResult(
                     dimension=d,
                     status="ok",
-                    score=transcript_score([f.severity for f in flaws], actor_rounds),
+                    score=transcript_score([f.severity for f in flaws], actor_rounds, cfg.protocol),
                     severity_sum=severity_sum,
                     flaws=flaws,
                     attempts=attempt + 1,
@@ -470,12 +666,12 @@ class TranscriptScorer:
         return fold_scores([results[d] for d in dims], actor_rounds, self.engine.model_id, usage)
 
 
-def _read(res: GenResult, dimension: str) -> list[Flaw]:
+def _read(res: GenResult, dimension: str, protocol: ScoringProtocol) -> list[Flaw]:
     if res.finish_reason == "error":
         raise JudgeOutputError(f"engine error: {res.error}")
     if res.finish_reason == "length":
         raise JudgeOutputError("judge output was cut at max_tokens")
-    return parse_flaws(res.text, dimension)
+    return parse_flaws(res.text, dimension, protocol)
 
 
 def _mix(seed: int, *parts: object) -> int:

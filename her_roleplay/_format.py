@@ -430,3 +430,34 @@ def as_her(message: str) -> str:
 def her_to_coser(text: str) -> str:
     """HER tags -> CoSER brackets; system_thinking is dropped, malformed input read best-effort."""
     return render_coser(parse_reply(text)[0])
+
+
+# --- speaker-name prefixes ---------------------------------------------------------------------------
+
+_MARK = r"(?:\*{1,2}|_{1,2})?"  # markdown emphasis around a name: **Name**: or *Name:*
+
+
+def _prefix_pattern(name: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in name.split()]
+    spelled = r"\s+".join(words)
+    # at the start of the text, of a line, or right after the hidden plan; the name (maybe in
+    # markdown emphasis), a colon (ASCII or full-width), and the blanks after it
+    return re.compile(
+        rf"(^|\n|</{SYSTEM_TAG}>)([ \t]*\n?[ \t]*){_MARK}{spelled}{_MARK}[ \t]*[:：]{_MARK}[ \t]*",
+        re.IGNORECASE,
+    )
+
+
+def strip_speaker_prefix(text: str, name: str) -> str:
+    """Remove ``name``'s own speaker label from a reply: ``Name: ...`` (also ``**Name**:``,
+    ``**Name:**``, a full-width colon, any letter case) at the start of the text, at the start of a
+    line, or right after a ``</system_thinking>``. Models trained on transcripts write it; in a
+    conversation the speaker is already known, so it is noise. Other names are left alone.
+    """
+    if not name.strip() or not text:
+        return text
+    return _prefix_pattern(name).sub(lambda m: m.group(1) + _keep_newlines(m.group(2)), text)
+
+
+def _keep_newlines(blanks: str) -> str:
+    return "\n" if "\n" in blanks else ""

@@ -22,12 +22,23 @@ chat keeps strict user/assistant alternation that chat templates expect.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
 from her_engines import ChatMessage
 
-from ._format import Reply, as_her, parse_reply, public_view, render_her, strip_system_thinking
+from ._format import (
+    Reply,
+    Segment,
+    as_her,
+    parse_reply,
+    public_view,
+    render_coser,
+    render_display,
+    render_her,
+    strip_system_thinking,
+)
 from ._scene import ENVIRONMENT, Scene, _same_name
 
 CONVERSATION_START = "===Conversation Start==="
@@ -36,12 +47,28 @@ CONVERSATION_START = "===Conversation Start==="
 REPLY_WORD_BUDGET = 60
 """Visible words (action + speech) an actor reply should stay around."""
 
+ReplyFormat = Literal["her", "coser", "plain"]
+"""How an actor is asked to write, and how it sees the conversation:
+
+- ``her``: HER tags (``<role_thinking>``, ``<role_action>``, speech), optionally after a
+  ``<system_thinking>`` plan;
+- ``coser``: CoSER's brackets, ``[thought] (action) speech``;
+- ``plain``: spoken words only (e.g. a general chat model as a baseline); others' actions reach it
+  in ``*asterisks*``.
+
+Whatever the format, a reply is stored in HER tags (:func:`actor_reply_to_her`), so every visibility
+rule works on one representation."""
+REPLY_FORMATS: tuple[str, ...] = get_args(ReplyFormat)
+
 _OTHER_PROFILE_CHARS = 400  # others' profiles are context, not the focus: keep them short
 
 __all__ = [
     "CONVERSATION_START",
+    "REPLY_FORMATS",
     "REPLY_WORD_BUDGET",
     "CharacterSample",
+    "ReplyFormat",
+    "actor_reply_to_her",
     "build_actor_system_prompt",
     "build_character_samples",
     "build_chat_prompt",
@@ -51,17 +78,22 @@ __all__ = [
 # --- the actor prompt ------------------------------------------------------------------------------
 
 
-def build_actor_system_prompt(scene: Scene, character: str, *, with_system_thinking: bool = True) -> str:
+def build_actor_system_prompt(
+    scene: Scene, character: str, *, with_system_thinking: bool = True, reply_format: ReplyFormat = "her"
+) -> str:
     """The system prompt that casts ``character`` in ``scene``.
 
     Sections: the role and book; the character's profile; the scenario (and topic); the other
     characters, briefly; the character's inner state for the scene; the reply format. A section whose
-    source is missing from the scene is left out entirely. ``with_system_thinking`` asks for a
-    third-person ``<system_thinking>`` plan before each reply.
+    source is missing from the scene is left out entirely. ``reply_format`` picks the reply format
+    (:data:`ReplyFormat`); with ``her``, ``with_system_thinking`` asks for a third-person
+    ``<system_thinking>`` plan before each reply (the other formats have no plan).
 
-    Raises ValueError when ``character`` is Environment or not part of the scene.
+    Raises ValueError when ``character`` is Environment or not part of the scene, or for an unknown
+    format.
     """
     _check_actor(scene, character)
+    _check_format(reply_format)
     parts = [
         f"You are {character} from the book {scene.book}. Play {character} and nobody else for the whole "
         f"conversation: say, do and think only what {character} would, in {character}'s own voice."
@@ -79,7 +111,14 @@ def build_actor_system_prompt(scene: Scene, character: str, *, with_system_think
     motivation = scene.motivation_of(character)
     if motivation:
         parts.append(f"## {character}'s inner state at the start of the scene\n{motivation}")
-    parts.append(f"## How to write each reply\n{_format_rules(character, with_system_thinking)}")
+    rules = (
+        _format_rules(character, with_system_thinking)
+        if reply_format == "her"
+        else _bracket_rules(character)
+        if reply_format == "coser"
+        else _plain_rules(character)
+    )
+    parts.append(f"## How to write each reply\n{rules}")
     return "\n\n".join(parts)
 
 
@@ -135,6 +174,59 @@ def _format_rules(character: str, with_system_thinking: bool) -> str:
         shape = "<system_thinking>...</system_thinking>" + shape
     lines.append(f"One possible shape: {shape}")
     return "\n".join(lines)
+
+
+def _closing_rules(character: str) -> list[str]:
+    return [
+        f"Keep the visible part (actions and speech) brief, about {REPLY_WORD_BUDGET} words. Write only "
+        f"{character}'s turn: never speak, act or decide for another character, and do not narrate the "
+        "surroundings.",
+        f"The conversation opens with {CONVERSATION_START}; the others' words and actions reach you as "
+        "\"Name: text\".",
+    ]
+
+
+def _bracket_rules(character: str) -> str:
+    """CoSER's layers: [thought] (action) speech."""
+    lines = [
+        "Compose the reply from these pieces, in any order and as often as needed:",
+        f"- [square brackets]: what {character} privately thinks, in the first person. Nobody else sees "
+        "it; never claim to know what others feel inside.",
+        f"- (round brackets): what {character} visibly does: a gesture, movement or expression.",
+        f"- plain text outside any bracket: what {character} says aloud.",
+        *_closing_rules(character),
+        "One possible shape: [I must not show how afraid I am.] (folds hands) Spoken words.",
+    ]
+    return "\n".join(lines)
+
+
+def _plain_rules(character: str) -> str:
+    """Speech only."""
+    lines = [
+        f"Reply with what {character} says aloud, as plain text: no tags, no brackets, no stage "
+        "directions and no name label.",
+        *_closing_rules(character),
+    ]
+    return "\n".join(lines)
+
+
+def _check_format(reply_format: str) -> None:
+    if reply_format not in REPLY_FORMATS:
+        raise ValueError(f"unknown reply format {reply_format!r}; expected one of {', '.join(REPLY_FORMATS)}")
+
+
+def actor_reply_to_her(text: str, reply_format: ReplyFormat) -> str:
+    """An actor's raw reply in HER tags, the form every line is stored in.
+
+    ``her`` passes through; ``coser`` brackets become tags (a reply already in HER tags is kept);
+    ``plain`` is all speech (brackets and asterisks included). Blank text gives "".
+    """
+    _check_format(reply_format)
+    if reply_format == "her":
+        return text
+    if reply_format == "coser":
+        return as_her(text).strip()
+    return render_her(Reply(None, (Segment("speech", text),))) if text.strip() else ""
 
 
 def _check_actor(scene: Scene, character: str) -> None:
@@ -226,7 +318,7 @@ def _one_sample(
         plan = parse_reply(lines[last_own][1])[0].system_thinking  # a plan the data already carries
     elif not plan.strip():
         raise ValueError(f"final_system_thinking for {character!r} is empty")
-    turns = _turns(character, lines[: last_own + 1])
+    turns = _turns(character, lines[: last_own + 1], "her")
     if plan and plan.strip():
         # Only the target keeps a plan, and it goes first even when the target merged several lines.
         turns[-1] = ("assistant", f"<system_thinking>{plan.strip()}</system_thinking>{turns[-1][1]}")
@@ -238,43 +330,59 @@ def _one_sample(
 
 
 def build_chat_prompt(
-    scene: Scene, character: str, history: Sequence[tuple[str, str]], *, with_system_thinking: bool = True
+    scene: Scene,
+    character: str,
+    history: Sequence[tuple[str, str]],
+    *,
+    with_system_thinking: bool = True,
+    reply_format: ReplyFormat = "her",
 ) -> list[ChatMessage]:
     """Chat messages asking ``character`` for its next turn, given ``history`` of (speaker, HER text).
 
     Same rules as the training samples: own past turns lose their system_thinking, others' turns show
     only their public view, the first user message opens with the conversation marker. The result
-    ends with a user message (just the marker when the history is empty).
+    ends with a user message (just the marker when the history is empty). ``reply_format`` sets the
+    requested format and how the history is written: HER tags, CoSER brackets (own thoughts as
+    ``[...]``, others' actions as ``(...)``) or plain text (others' actions as ``*...*``, own thoughts
+    left out).
 
     Raises ValueError when the history ends with ``character``'s own turn: asking for another turn
     would put two assistant messages in a row; the caller should let someone else speak first.
     """
     _check_actor(scene, character)
+    _check_format(reply_format)
     for i, (speaker, _text) in enumerate(history):
         if not speaker or not speaker.strip():
             raise ValueError(f"history item {i} has no speaker name")
-    turns = _turns(character, history)  # starts with the marker, so never empty
+    turns = _turns(character, history, reply_format)  # starts with the marker, so never empty
     if turns[-1][0] == "assistant":
         raise ValueError(
             f"the history ends with {character!r}'s own turn; another speaker must come before its next turn"
         )
-    system = build_actor_system_prompt(scene, character, with_system_thinking=with_system_thinking)
+    system = build_actor_system_prompt(
+        scene, character, with_system_thinking=with_system_thinking, reply_format=reply_format
+    )
     return [ChatMessage(role="system", content=system)] + [ChatMessage(role=r, content=c) for r, c in turns]
 
 
-def _turns(character: str, lines: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def _turns(
+    character: str, lines: Iterable[tuple[str, str]], reply_format: ReplyFormat = "her"
+) -> list[tuple[str, str]]:
     """Fold (speaker, HER text) lines into alternating (role, content) turns for ``character``.
 
     Own lines → assistant, without system_thinking; others' lines → user ``Name: public view``. The
-    first turn is always a user turn opening with the conversation marker.
+    first turn is always a user turn opening with the conversation marker. Contents are written in
+    ``reply_format``.
     """
     turns: list[tuple[str, list[str]]] = [("user", [CONVERSATION_START])]
     for speaker, text in lines:
         if _same_name(speaker, character):
             content = strip_system_thinking(text).strip()
+            if reply_format == "plain" and not _plain(content):
+                content = ""  # a plain actor never sees its own thoughts: nothing left of this line
             role = "assistant"
         else:
-            seen = public_view(text).strip()
+            seen = _written_as(public_view(text).strip(), reply_format)
             content = f"{speaker.strip()}: {seen}" if seen else ""
             role = "user"
         if not content:
@@ -283,7 +391,23 @@ def _turns(character: str, lines: Iterable[tuple[str, str]]) -> list[tuple[str, 
             turns[-1][1].append(content)
         else:
             turns.append((role, [content]))
-    return [(role, "\n\n".join(parts) if role == "user" else _merge_own(parts)) for role, parts in turns]
+    return [
+        (role, "\n\n".join(parts) if role == "user" else _written_as(_merge_own(parts), reply_format))
+        for role, parts in turns
+    ]
+
+
+def _written_as(her_text: str, reply_format: ReplyFormat) -> str:
+    """HER text in the actor's format: as is, in CoSER brackets, or plain (no thoughts)."""
+    if reply_format == "her" or not her_text:
+        return her_text
+    if reply_format == "coser":
+        return render_coser(parse_reply(her_text)[0]).strip()
+    return _plain(her_text)
+
+
+def _plain(her_text: str) -> str:
+    return render_display(parse_reply(her_text)[0]).strip()
 
 
 def _merge_own(parts: list[str]) -> str:

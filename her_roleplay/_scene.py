@@ -87,11 +87,19 @@ class Plot(_Open):
     key_characters: list[PlotCharacter] = Field(default_factory=list)
 
 
+# Keys CoSER files give either at the top level or only inside `plot` -> what they mean.
+_PLOT_KEYS: dict[str, str] = {"i_p": "index of the plot within the book"}
+
+
 class Scene(_Open):
     """One CoSER conversation. Required: ``book``, ``i_p``, ``i_c``, ``scenario``, ``dialogues``.
 
     Optional fields default to empty (``None``, ``[]``, ``{}``): they are absent from some CoSER-like
     dumps, and every consumer treats "absent" as "no such section", never as made-up content.
+
+    ``i_p`` may be given only inside ``plot`` (``{"plot": {"i_p": 3, ...}}``), as in CoSER's
+    ``test_circumstance_{id,ood}.json``: it is lifted to the top level, so the scene's
+    ``sample_id`` is the one the same conversation gets in the released test set (which carries both).
     """
 
     book: str = Field(min_length=1)
@@ -107,6 +115,26 @@ class Scene(_Open):
     weight: float | None = None
     character_profiles: dict[str, str] = Field(default_factory=dict)
     plot: Plot | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_plot_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        plot = data.get("plot")
+        for key in _PLOT_KEYS:
+            in_plot = plot.get(key) if isinstance(plot, dict) else None
+            if data.get(key) is None:
+                if in_plot is None:
+                    raise ValueError(
+                        f"the record has no `{key}` ({_PLOT_KEYS[key]}): give it at the top level or as "
+                        f"`plot.{key}`"
+                    )
+                data = data | {key: in_plot}
+            elif in_plot is not None and in_plot != data[key]:
+                # Two different plot indexes: refuse rather than pick one (the sample id depends on it).
+                raise ValueError(f"`{key}` is {data[key]!r} but `plot.{key}` is {in_plot!r}; keep only one")
+        return data
 
     @property
     def sample_id(self) -> str:

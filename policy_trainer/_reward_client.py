@@ -321,6 +321,7 @@ class RewardClient:
             body["references"] = [items[i].reference for i in indices]
         else:
             body["group_ids"] = [items[i].group for i in indices]
+            body["aggregate"] = cfg.aggregate
         return body
 
     # ------------------------------------------------------------------ requests

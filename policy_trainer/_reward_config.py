@@ -17,6 +17,8 @@ class RewardClientConfig:
         strategy: `reference` judges each rollout against the dataset's reference reply, both
             orders (HER); `group` judges every pair of rollouts sharing a prompt and gives each its
             win rate (needs ≥2 rollouts per prompt, e.g. GRPO's num_generations).
+        aggregate: `group` only: `winrate`, or `bradley_terry` (expected score under a Bradley–Terry
+            fit of the group's verdicts: beating a strong rollout counts more than beating a weak one).
         reference_column: dataset column holding the reference reply (`reference` strategy only).
         judge_mode: `cot` (principles, comparisons, verdict) or `fast` (verdict from one step's logprobs).
         reward_kind: `discrete` (win 1 / tie 0.5 / loss 0) or `prob` (P(win)).
@@ -37,6 +39,7 @@ class RewardClientConfig:
     url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
     strategy: Literal["reference", "group"] = "reference"
+    aggregate: Literal["winrate", "bradley_terry"] = "winrate"
     reference_column: str = "reference"
     judge_mode: Literal["cot", "fast"] = "cot"
     reward_kind: Literal["discrete", "prob"] = "discrete"
@@ -55,6 +58,7 @@ class RewardClientConfig:
         self.url = self.url.rstrip("/")
         for name, allowed in (
             ("strategy", ("reference", "group")),
+            ("aggregate", ("winrate", "bradley_terry")),
             ("judge_mode", ("cot", "fast")),
             ("reward_kind", ("discrete", "prob")),
         ):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from her_engines import ChatMessage
-from her_genrm import Mode, RewardKind, TemplateName, Verdict
+from her_genrm import GroupAggregate, Mode, RewardKind, TemplateName, Verdict
 
 
 class _Body(BaseModel):
@@ -42,7 +42,8 @@ class RewardsBody(_Body):
     """Rewards for completions, judged against references or inside groups.
 
     strategy `reference` (HER): each completion vs `references[i]` (both orders).
-    strategy `group`: every pair of completions sharing a group id → each member's win rate.
+    strategy `group`: every pair of completions sharing a group id → each member's win rate, or with
+    `aggregate: bradley_terry` its expected score under a Bradley–Terry fit of the group's verdicts.
     Default: `group` when `group_ids` is given, else `reference`.
     """
 
@@ -51,6 +52,7 @@ class RewardsBody(_Body):
     references: list[str] | None = None
     group_ids: list[str | int] | None = None
     strategy: Literal["reference", "group"] | None = None
+    aggregate: GroupAggregate = Field("winrate", description="group strategy: winrate or bradley_terry")
     mode: Mode = "cot"
     template: TemplateName = "compact"
     reward: RewardKind = Field("discrete", description="discrete: win 1 / tie 0.5 / loss 0; prob: P(win)")

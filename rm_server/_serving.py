@@ -18,10 +18,10 @@ from her_genrm import (
     JudgeRequest,
     Verdict,
     format_violations,
+    group_rewards,
     render_context,
     rollout_reward,
     round_robin_pairs,
-    win_rates,
 )
 
 from ._batcher import MicroBatcher
@@ -241,7 +241,7 @@ class JudgeService:
         for members, pairs, reqs in plans:
             group_verdicts = verdicts[offset : offset + len(reqs)]
             offset += len(reqs)
-            rates = win_rates(len(members), pairs, group_verdicts, kind=body.reward)
+            rates = group_rewards(len(members), pairs, group_verdicts, kind=body.reward, aggregate=body.aggregate)
             for pos, member in enumerate(members):
                 mine = [(i, v) for (i, j), v in zip(pairs, group_verdicts, strict=True) if pos in (i, j)]
                 # each outcome from this member's side: "a" means it won that pair

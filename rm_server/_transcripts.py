@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from her_genrm import (
     MAX_INSTANCE_CHARS,
+    ScoringProtocol,
     TranscriptDimension,
     TranscriptScore,
     TranscriptScorer,
@@ -43,6 +44,8 @@ class TranscriptScoreBody(BaseModel):
     max_tokens: int = Field(1024, ge=16, le=MAX_JUDGE_TOKENS, description="token limit of one flaw list")
     max_flaws: int = Field(10, ge=1, le=10, description="flaws listed per dimension at most")
     max_instance_chars: int = Field(MAX_INSTANCE_CHARS, ge=10, le=MAX_INSTANCE_CHARS)
+    protocol: ScoringProtocol = Field("coser", description="coser: CoSER's flaw types and severities "
+                                      "(comparable with published scores); her: ours (severities 1-5)")
 
 
 _ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 503)}
@@ -62,7 +65,8 @@ async def score_transcript(body: TranscriptScoreBody, request: Request) -> Trans
     if len(body.transcript) > MAX_TRANSCRIPT_LINES:
         raise InputTooLarge(f"transcript has {len(body.transcript)} lines; at most {MAX_TRANSCRIPT_LINES}")
     config = TranscriptScorerConfig(
-        max_tokens=body.max_tokens, max_flaws=body.max_flaws, max_instance_chars=body.max_instance_chars
+        max_tokens=body.max_tokens, max_flaws=body.max_flaws, max_instance_chars=body.max_instance_chars,
+        protocol=body.protocol,
     )
     scorer = TranscriptScorer(genrm.engine, config)
     return await scorer.score(body.scene, body.transcript, dimensions=body.dimensions, seed=body.seed)

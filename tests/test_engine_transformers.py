@@ -95,6 +95,21 @@ async def test_json_schema_output_is_valid(engine) -> None:
     assert json.loads(verdict.text) in ({"winner": "A"}, {"winner": "B"})
 
 
+async def test_token_logprobs_are_scored_after_the_grammar(engine) -> None:
+    req = GenRequest(messages=[{"role": "user", "content": "Pick A or B."}], json_schema=VERDICT_SCHEMA,
+                     max_tokens=20, logprobs=5)
+    plain = req.model_copy(update={"logprobs": None})
+    res, without = await engine.generate([req, plain])
+    assert res.text == without.text and without.token_logprobs is None  # asking changes nothing else
+    entries = res.token_logprobs
+    assert len(entries) == res.completion_tokens
+    assert "".join(t for t, _, _ in entries).startswith(res.text)
+    for token, logprob, alternatives in entries:
+        assert len(alternatives) == 5 and logprob <= 0.0
+        assert alternatives[0] == (token, pytest.approx(logprob))  # greedy takes the best allowed token
+        assert [lp for _, lp in alternatives] == sorted((lp for _, lp in alternatives), reverse=True)
+
+
 async def test_json_schema_length_limit_reports_length(engine) -> None:
     (res,) = await engine.generate([GenRequest(messages=ASK, json_schema=MOOD_SCHEMA, max_tokens=3)])
     assert res.finish_reason == "length" and res.completion_tokens == 3

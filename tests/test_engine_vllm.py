@@ -136,6 +136,16 @@ async def test_every_request_feature_in_one_call(engine) -> None:
     assert short.finish_reason == "length" and short.completion_tokens == 3
 
 
+async def test_token_logprobs_follow_the_written_tokens(engine) -> None:
+    req = GenRequest(messages=ASK, max_tokens=48, json_schema=VERDICT_SCHEMA, logprobs=5)
+    [res] = await engine.generate([req])
+    entries = res.token_logprobs
+    assert entries and len(entries) == res.completion_tokens
+    assert "".join(t for t, _, _ in entries).startswith(res.text)  # the end-of-turn token is listed too
+    for token, logprob, alternatives in entries:
+        assert logprob <= 0.0 and (token, logprob) in alternatives and len(alternatives) <= 6
+
+
 async def test_seed_and_temperature(engine) -> None:
     def sampled(seed: int) -> GenRequest:
         return GenRequest(prompt="The colour of the sea is", max_tokens=12, temperature=1.5, top_p=0.95, seed=seed)

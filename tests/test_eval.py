@@ -19,22 +19,33 @@ from _servers import serve_app
 
 from eval._api import evaluate_coser
 from eval._report import mean_ci, t_quantile_975, write_report
-from eval._runner import EvalConfig, MeteredEngine, RunOutcome, load_sample, sample_path, write_json_atomic
-from eval._simulate import END_CHAT, SimulationConfig, derive_seed, resolve_next_speaker, simulate
-from her_engines import GenRequest, GenResult
+from eval._runner import (
+    EvalConfig,
+    MeteredEngine,
+    RunOutcome,
+    TurnJournal,
+    load_sample,
+    partial_path,
+    sample_path,
+    write_json_atomic,
+)
+from eval._simulate import END_CHAT, SimulationConfig, Step, derive_seed, resolve_next_speaker, simulate
+from her_engines import EngineError, GenRequest, GenResult
 from her_genrm._transcript import (
-    FLAW_TYPES,
     TRANSCRIPT_DIMENSIONS,
     TranscriptScorer,
     TranscriptScorerConfig,
+    flaw_type_names,
+    max_severity,
     transcript_score,
 )
-from her_roleplay import Scene
+from her_roleplay import Scene, parse_reply, public_view, strip_speaker_prefix
 from rm_server import ServerSettings, build_app
 
 SIM = SimulationConfig(max_rounds=2, actor_max_tokens=32, env_max_tokens=24)
 JUDGE = TranscriptScorerConfig(max_tokens=80, max_flaws=1, max_instance_chars=24)
-ROW_KEYS = {*TRANSCRIPT_DIMENSIONS, "average", "bleu", "rouge_l", "status", "sample_id", "run"}
+ROW_KEYS = {*TRANSCRIPT_DIMENSIONS, "average", "bleu", "rouge_l", "coser_bleu", "coser_rouge_l", "status",
+            "sample_id", "run"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -204,6 +215,65 @@ async def test_old_motivation_key_and_invalid_predictions(scene_dict):
     assert END_CHAT in predictor.choices and "Mr Bennet" not in predictor.choices  # current speaker excluded
 
 
+def test_speaker_prefixes_are_stripped():
+    plan = "<system_thinking>plan</system_thinking>"
+    for text, kept in [
+        ("King Lear: Hello", "Hello"),
+        ("**King Lear**: Hello", "Hello"),
+        ("**king lear:** Hello", "Hello"),
+        (f"{plan}King Lear: <role_action>bows</role_action>Hi", f"{plan}<role_action>bows</role_action>Hi"),
+        (f"{plan}\nKing Lear：Hi", f"{plan}\nHi"),
+        ("Hi.\nKing Lear: more", "Hi.\nmore"),
+        ("Fool: not his", "Fool: not his"),  # another speaker's label stays (the line is cut there)
+        ("King Learned: x", "King Learned: x"),
+    ]:
+        assert strip_speaker_prefix(text, "King Lear") == kept, text
+
+
+class Labelled(ScriptedActors):
+    """Actors and Environment that label their lines with their own name, as HER-trained models do."""
+
+    async def generate(self, requests):
+        out = await super().generate(requests)
+        for req, res in zip(requests, out, strict=True):
+            if req.choices is None and req.prefill:
+                who = re.match(r"You are (.+?) from the book", req.messages[0].content).group(1)
+                res.text = res.text.replace("</system_thinking>", f"</system_thinking>**{who}**: ")
+            elif req.choices is None:
+                res.text = "Environment: " + res.text
+        return out
+
+
+@pytest.mark.parametrize(
+    ("config", "lines"),
+    [
+        (SimulationConfig(max_rounds=9), 6),  # CoSER: <END CHAT> from round index 5, the 6th line
+        (SimulationConfig(max_rounds=9, protocol="her"), 5),
+        (SimulationConfig(max_rounds=9, protocol="her", min_end_round=7), 7),  # a flag beats the protocol
+    ],
+)
+async def test_ending_rule_and_own_labels_dropped(scene, config, lines):
+    sim = await simulate(Labelled(), scene, config=config)
+    assert sim.ended_by == "end_chat" and len(sim.transcript) == lines
+    assert [f.reason for f in sim.fallbacks] == ["end_too_early"] * (lines - 1)
+    for line in sim.transcript:
+        assert f"{line.character}:" not in line.message and "**" not in line.message
+    assert config.temperature == (0.0 if config.protocol == "coser" else 0.7)
+
+
+def test_turn_journal_keeps_whole_steps_of_the_same_evaluation(tmp_path):
+    path = tmp_path / "samples" / "run0" / "s.partial.jsonl"
+    journal = TurnJournal(path, {"sample_id": "s", "manifest": {"a": 1}})
+    assert journal.load() == [] and path.exists()  # a fresh file starts with its header
+    steps = [Step(kind="line", round=0, speaker="A", text="Hi."), Step(kind="next", round=0, next="B")]
+    for step in steps:
+        journal.append(step)
+    with path.open("a") as f:
+        f.write('{"kind": "line", "rou')  # killed in the middle of a write
+    assert journal.load() == steps and len(path.read_text().splitlines()) == 3  # the torn line is gone
+    assert TurnJournal(path, {"sample_id": "s", "manifest": {"a": 2}}).load() == []  # other settings
+
+
 def scene_dict_thought(scene: Scene, name: str) -> str:
     [kc] = [k for k in scene.model_dump(by_alias=True)["key_characters"] if k["name"] == name]
     return kc["thought"]
@@ -276,8 +346,10 @@ async def test_local_end_to_end_on_the_fixture(engine, scene_file, tmp_path):
     rounds = row["actor_rounds"]
     for dim in judgment["dimensions"]:  # real constrained output: valid types, clamped severities, formula
         assert len(dim["flaws"]) <= 1
-        assert all(
-            f["type"] in FLAW_TYPES[dim["dimension"]] and 1 <= f["severity"] <= 5 for f in dim["flaws"]
+        assert all(  # the coser protocol (default): CoSER's type names and severity ranges
+            f["type"] in flaw_type_names(dim["dimension"], "coser")
+            and 1 <= f["severity"] <= max_severity(dim["dimension"], f["type"], "coser")
+            for f in dim["flaws"]
         )
         assert (
             dim["score"]
@@ -288,8 +360,10 @@ async def test_local_end_to_end_on_the_fixture(engine, scene_file, tmp_path):
     record = load_sample(sample_path(tmp_path, 0, row["sample_id"]))
     lines = record["simulation"]["transcript"]
     assert [x["character"] for x in lines][0] == "Mr Bennet" and len(lines) == 2
-    calls = record["usage"]["actor"]["calls"] + record["usage"]["judge"]["calls"]
-    assert calls == metered.usage.calls == 2 + 1 + 4  # two lines, one prediction, four dimensions
+    usage = record["usage"]
+    assert usage["predictor"]["calls"] == 1 and usage["judge"]["calls"] == 4  # one decision, four dimensions
+    assert usage["actor"]["calls"] + usage["environment"]["calls"] == 2
+    assert 0 <= row["coser_rouge_l"] <= 1 and not partial_path(tmp_path, 0, row["sample_id"]).exists()
     report = (tmp_path / "report.md").read_text()
     for title in ("Storyline Consistency", "Anthropomorphism", "Character Fidelity", "Storyline Quality"):
         assert f"| {title} |" in report
@@ -301,55 +375,98 @@ class Crash(Exception):
     pass
 
 
+class Counting:
+    """The real engine, counting requests; with ``fail_after`` set it raises EngineError once that many
+    more requests went through (a fault injected to kill a sample mid-way)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.model_id = engine, engine.model_id
+        self.requests: list[GenRequest] = []
+        self.fail_after: int | None = None
+
+    async def generate(self, requests):
+        if self.fail_after is not None:
+            if self.fail_after <= 0:
+                raise EngineError("injected: the engine went away")
+            self.fail_after -= len(requests)
+        self.requests += requests
+        return await self.engine.generate(requests)
+
+    async def aclose(self):
+        pass
+
+
 @pytest.mark.model
-async def test_kill_and_resume_does_not_repeat_finished_samples(engine, scene_dict, tmp_path):
+async def test_kill_mid_sample_resumes_from_saved_turns(engine, scene_dict, tmp_path):
     test_file = tmp_path / "two.jsonl"
     test_file.write_text("\n".join(json.dumps(_compact(scene_dict, i_c=i)) for i in (0, 1)))
     out = tmp_path / "out"
+    sim = SimulationConfig(max_rounds=4, actor_max_tokens=24, env_max_tokens=16)
+    first = Counting(engine)
 
-    def crash(record):
-        raise Crash(record["sample_id"])
+    def arm(record):  # the first sample is finished: the second one dies after three requests
+        first.fail_after = 3
 
-    first = MeteredEngine(engine)
-    with pytest.raises(Crash):
-        await evaluate_coser(
-            test_file,
-            actor=first,
-            judge=TranscriptScorer(first, JUDGE),
-            config=_config(out),
-            on_sample_done=crash,
-        )
-    [done] = list((out / "samples" / "run0").glob("*.json"))
-    content, mtime = done.read_bytes(), done.stat().st_mtime_ns
-    done_record = json.loads(content)
-    assert (
-        first.usage.calls == done_record["usage"]["actor"]["calls"] + done_record["usage"]["judge"]["calls"]
-    )
-    assert not (out / "results.json").exists()  # the crash came before the report
+    _, outcome = await evaluate_coser(test_file, actor=first, judge=TranscriptScorer(engine, JUDGE),
+                                      config=_config(out, simulation=sim), on_sample_done=arm)
+    [done_key], [failed_key] = outcome.computed, list(outcome.failed)
+    done = sample_path(out, 0, done_key.split("/")[1])
+    content = done.read_bytes()
+    failed_id = failed_key.split("/")[1]
+    assert not sample_path(out, 0, failed_id).exists()
+    saved = TurnJournal(partial_path(out, 0, failed_id), {}).path.read_text().splitlines()[1:]
+    saved = [json.loads(x) for x in saved]
+    assert saved and saved[0]["kind"] == "line"  # the turns taken before the failure are on disk
+    scene = next(s for s in map(Scene.model_validate, [_compact(scene_dict, i_c=i) for i in (0, 1)])
+                 if s.sample_id == failed_id)
+    saved_seeds = {derive_seed(scene.seed, 0, x["round"], "actor" if x["kind"] == "line" else "predictor")
+                   for x in saved} | {derive_seed(scene.seed, 0, x["round"], "env") for x in saved}
 
-    second = MeteredEngine(engine)
-    results, outcome = await evaluate_coser(
-        test_file, actor=second, judge=TranscriptScorer(second, JUDGE), config=_config(out)
-    )
-    assert outcome.skipped == [f"run0/{done.stem}"] and len(outcome.computed) == 1
-    assert done.read_bytes() == content and done.stat().st_mtime_ns == mtime
-    [new_key] = outcome.computed
-    new = load_sample(sample_path(out, 0, new_key.split("/")[1]))
-    assert second.usage.calls == new["usage"]["actor"]["calls"] + new["usage"]["judge"]["calls"]
-    assert {r["sample_id"] for r in results["samples"]} == {done.stem, new["sample_id"]}
-    assert results["cost"]["this_invocation"] == {
-        "computed": 1,
-        "skipped": 1,
-        "wall_seconds": outcome.seconds,
-    }
+    second = Counting(engine)
+    results, outcome = await evaluate_coser(test_file, actor=second, judge=TranscriptScorer(engine, JUDGE),
+                                            config=_config(out, simulation=sim))
+    assert outcome.skipped == [done_key] and outcome.computed == [failed_key] and not outcome.failed
+    assert done.read_bytes() == content  # the finished sample was not redone
+    record = load_sample(sample_path(out, 0, failed_id))
+    assert record["usage"]["resumed_steps"] == len(saved)
+    assert second.requests and not saved_seeds & {r.seed for r in second.requests}  # nothing regenerated
+    lines = [x for x in saved if x["kind"] == "line"]
+    transcript = record["simulation"]["transcript"]
+    assert [(t["character"], t["message"]) for t in transcript[: len(lines)]] == [
+        (x["speaker"], x["text"]) for x in lines
+    ]
+    assert len(transcript) == 4 and not partial_path(out, 0, failed_id).exists()
+    assert {r["sample_id"] for r in results["samples"]} == {done.stem, failed_id}
     # a rerun with other settings must not mix into these results
     with pytest.raises(ValueError, match="different evaluation"):
-        await evaluate_coser(
-            test_file,
-            actor=second,
-            judge=TranscriptScorer(second, JUDGE),
-            config=_config(out, simulation=SimulationConfig(max_rounds=3)),
-        )
+        await evaluate_coser(test_file, actor=second, judge=TranscriptScorer(engine, JUDGE),
+                             config=_config(out, simulation=SimulationConfig(max_rounds=3)))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("actor_format", ["plain", "coser"])
+async def test_actor_formats_with_separate_env_and_predictor(engine, scene_dict, actor_format):
+    # Environment speaks first, so all three agents are asked within three rounds
+    scene = Scene.model_validate(_compact(
+        scene_dict, speaking_characters_w_env=["Environment", "Mr Bennet", "Elizabeth Bennet"]))
+    actor, env, nsp = Counting(engine), Counting(engine), Counting(engine)
+    config = SimulationConfig(max_rounds=3, actor_max_tokens=32, env_max_tokens=16, actor_format=actor_format)
+    sim = await simulate(actor, scene, env=env, nsp=nsp, config=config)
+    assert sim.transcript[0].character == "Environment" and len(sim.transcript) == 3
+    assert len(env.requests) >= sim.calls["environment"] >= 1 and len(nsp.requests) == sim.calls["predictor"] == 2
+    assert len(actor.requests) >= sim.calls["actor"] >= 1
+    assert all(r.choices for r in nsp.requests) and not any(r.choices for r in actor.requests + env.requests)
+    rule = "[square brackets]" if actor_format == "coser" else "as plain text"
+    for req in actor.requests:
+        assert rule in req.messages[0].content and not req.prefill.startswith("<system_thinking>")
+        history = "\n".join(m.content for m in req.messages[1:])
+        assert "<role_" not in history  # others' lines come in the actor's own format
+    for line in sim.transcript:
+        assert line.public == public_view(line.message)
+        if line.character != "Environment" and actor_format == "plain":
+            assert all(seg.kind == "speech" for seg in parse_reply(line.message)[0].segments)
+        if line.character != "Environment" and actor_format == "coser":
+            assert not re.search(r"\[[^\]]*\]|\([^)]*\)", line.message)  # brackets became HER tags
 
 
 @pytest.mark.model

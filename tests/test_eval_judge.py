@@ -20,6 +20,7 @@ from eval import (
     JudgeSpec,
     Rate,
     agreement_metrics,
+    calibration,
     evaluate_judges,
     first_slot_win_rate,
     load_labelled_pairs,
@@ -188,7 +189,7 @@ async def test_two_judges_side_by_side_on_the_session_engine(engine, scene, tmp_
     pairs = labelled_pairs_from_scene(scene, 6)
     out = tmp_path / "judge-eval"
     judges = [JudgeSpec("base", "smollm2-135m-instruct"), JudgeSpec("again", "smollm2-135m-instruct")]
-    config = JudgeEvalConfig(out_dir=out, mode="fast", batch_size=4, progress=False)
+    config = JudgeEvalConfig(out_dir=out, modes=("fast",), batch_size=4, progress=False)
     summary = await evaluate_judges(pairs, judges, config, engines={"base": engine, "again": engine})
 
     metrics = _check_outputs(out, ["base", "again"], 6)
@@ -209,13 +210,49 @@ async def test_two_judges_side_by_side_on_the_session_engine(engine, scene, tmp_
         assert set(m["by_flaw_kind"]) == {"assistant_voice", "broken_format"}
         assert judge["engine"] == "vllm" and judge["principle_detail"] == "id"
         assert judge["usage"]["calls"] == 12
-    # fast mode is deterministic: the same model judged twice gives the same numbers
-    assert metrics["judges"][0]["metrics"] == metrics["judges"][1]["metrics"]
+    # fast mode is deterministic: the same model judged twice gives the same numbers (probabilities up to
+    # the float noise of a different batch composition)
+    first, again = (dict(j["metrics"]) for j in metrics["judges"])
+    first_cal, again_cal = first.pop("calibration"), again.pop("calibration")
+    assert first == again
+    assert (first_cal["ece"], first_cal["brier"]) == pytest.approx((again_cal["ece"], again_cal["brier"]), abs=1e-4)
     report = (out / "report.md").read_text()
     assert "| base |" in report and "| again |" in report and "| Group | base | again |" in report
     # a given engine belongs to the caller: still open after the run
     [verdict] = await GenRM(engine).judge([JudgeRequest(context="User: hi", a="Hello!", b="...", mode="fast")])
     assert verdict.status == "ok"
+
+
+@pytest.mark.model
+async def test_both_modes_of_one_loaded_judge_report_calibration(engine, scene, tmp_path):
+    pairs = labelled_pairs_from_scene(scene, 4)
+    out = tmp_path / "modes"
+    config = JudgeEvalConfig(out_dir=out, modes=("fast", "cot"), batch_size=4, progress=False)
+    await evaluate_judges(pairs, [JudgeSpec("base", "smollm2-135m-instruct")], config, engines={"base": engine})
+    metrics = _check_outputs(out, ["base-fast", "base-cot"], 4)
+    assert [j["mode"] for j in metrics["judges"]] == ["fast", "cot"]
+    for judge in metrics["judges"]:
+        saved_pairs, verdicts = read_verdict_records(out / judge["verdicts_file"])
+        assert {v.mode for v in verdicts} == {judge["mode"]}
+        cal = judge["metrics"]["calibration"]
+        assert cal == calibration(saved_pairs, verdicts) and cal["n"] == sum(v.status == "ok" for v in verdicts)
+        if cal["n"]:
+            assert 0.0 <= cal["ece"] <= 1.0 and sum(b["n"] for b in cal["bins"]) == cal["n"]
+    report = (out / "report.md").read_text()
+    assert "## Calibration of P(a≻b)" in report and "](judge_reliability.png)" in report
+    assert (out / "judge_reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibration_bins_ece_and_brier_by_hand():
+    pairs = [_pair(f"p{i}", label, "assistant_voice", 3, 4, f"all_{label}") for i, label in enumerate("aaab")]
+    verdicts = [Verdict(verdict="a", p_a=p) for p in (0.95, 0.92, 0.15, 0.12)]
+    cal = calibration(pairs, verdicts)
+    # bin [0.9, 1.0]: two pairs, mean p 0.935, both labelled a; bin [0.1, 0.2): mean p 0.135, one of two is a
+    assert [(b["lo"], b["n"]) for b in cal["bins"]] == [(0.1, 2), (0.9, 2)]
+    assert cal["ece"] == pytest.approx((2 * abs(0.5 - 0.135) + 2 * abs(1.0 - 0.935)) / 4)
+    assert cal["brier"] == pytest.approx((0.05**2 + 0.08**2 + 0.85**2 + 0.12**2) / 4)
+    assert calibration(pairs, [Verdict(status="error", error="x")] * 4) == {"n": 0, "ece": None, "brier": None,
+                                                                             "bins": []}
 
 
 @pytest.mark.model

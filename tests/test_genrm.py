@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _pairs import fixture_pairs
 
-from her_engines import ChatMessage
+from her_engines import ChatMessage, GenResult
 from her_genrm import (
     CompactTemplate,
     GenRM,
@@ -24,6 +24,7 @@ from her_genrm import (
     parse_compact,
     parse_her_rm,
     pattern_of,
+    verdict_probabilities,
 )
 from her_roleplay import default_library
 
@@ -73,6 +74,10 @@ async def test_every_compact_verdict_parses_with_both_orders(cot_verdicts, pairs
         if not v.consistent:
             assert v.verdict == "tie"
         assert v.p_a == pytest.approx(sum(o.p_a for o in v.orders) / 2)
+        for order in v.orders:  # P(a≻b) priced from the verdict token, not the 1 / 0.5 / 0 table
+            assert sum(order.probs.values()) == pytest.approx(1.0)
+            assert order.p_a == pytest.approx(order.probs["a"] + 0.5 * order.probs["tie"])
+            assert order.winner == max(order.probs, key=order.probs.__getitem__)  # greedy wrote the argmax
         assert v.usage.calls == 2 and v.usage.completion_tokens > 0
         assert v.principle_set_hash == LIB.version and v.template_hash
 
@@ -118,6 +123,29 @@ async def test_her_rm_template_with_the_real_model_is_ok_or_a_clear_error(engine
         assert v.verdict is None and v.p_a is None and v.error
     else:
         assert v.verdict in ("a", "b", "tie")
+
+
+@pytest.mark.model
+async def test_cot_probabilities_are_not_the_outcome_table(cot_verdicts):
+    priced = [o.p_a for v in cot_verdicts for o in v.orders]
+    assert any(p not in (0.0, 0.5, 1.0) for p in priced)
+
+
+@pytest.mark.model
+async def test_her_rm_fast_scores_the_models_own_verdict_without_extra_instructions(engine, pairs16):
+    template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    genrm = GenRM(engine, her_rm_template=template)
+    req = JudgeRequest(context=pairs16[0]["context"], a=pairs16[0]["a"], b=pairs16[0]["b"], template="her-rm",
+                       mode="fast")
+    [(_, gen), _] = genrm.build_requests(req)
+    assert gen.messages == template.messages(req.context, req.a, req.b, fast=False)  # nothing appended
+    assert gen.prefill.endswith('"better_response": "') and gen.choices == ["cand_1", "cand_2", "tie"]
+    [v] = await genrm.judge([req])
+    assert v.status == "ok", v.error
+    for order in v.orders:
+        assert sum(order.probs.values()) == pytest.approx(1.0)
+    # cand_1 and cand_2 share their first token; the walk splits them where they diverge
+    assert len({round(o.probs["a"], 6) for o in v.orders} | {round(o.probs["b"], 6) for o in v.orders}) > 1
 
 
 @pytest.mark.model
@@ -224,6 +252,7 @@ def test_pattern_of(winners, expected):
 
 def test_slots_map_back_to_candidates_in_the_swapped_order():
     g = _genrm_without_engine()
+    g.config.verdict_logprobs = 0  # the written verdict alone: 1 / 0.5 / 0
     from her_engines import GenResult
 
     text = json.dumps(
@@ -234,6 +263,82 @@ def test_slots_map_back_to_candidates_in_the_swapped_order():
     second = g._read_order(req, False, GenResult(text=text))
     assert first.winner == "a" and second.winner == "b"  # slot A held b in the swapped order
     assert second.pattern == "all_b"
+
+
+HER_RM_SHAPES = Path(__file__).parent / "data" / "her_rm"
+
+
+@pytest.mark.parametrize(
+    ("name", "verdict", "pattern", "principles"),
+    [
+        ("training_target.txt", "a", "mixed", ["Stays inside the character", "Inner thoughts stay private",
+                                               "Answers what was just said"]),
+        ("after_rl_think.txt", "b", "all_b", ["Stays inside the character", "Concrete visible action",
+                                              "Period-appropriate language"]),
+        ("bare_result_wrapper.txt", "tie", "tie", ["Consistent with the scene", "Emotional depth", "Natural speech"]),
+    ],
+)
+def test_every_her_rm_output_shape_gives_verdict_comparisons_and_pattern(name, verdict, pattern, principles):
+    g = _genrm_without_engine()
+    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    g.config.verdict_logprobs = 0
+    text = (HER_RM_SHAPES / name).read_text()
+    order = g._read_order(JudgeRequest(context="x", a="1", b="2", template="her-rm"), True, GenResult(text=text))
+    assert order.status == "ok", order.error
+    assert (order.winner, order.pattern, order.principles) == (verdict, pattern, principles)
+    assert all(c.reason for c in order.comparisons) or name != "training_target.txt"
+    swapped = g._read_order(JudgeRequest(context="x", a="1", b="2", template="her-rm"), False, GenResult(text=text))
+    assert swapped.winner == {"a": "b", "b": "a", "tie": "tie"}[verdict]
+
+
+def test_an_unclosed_think_block_is_a_clear_error():
+    with pytest.raises(JudgeOutputError, match="think"):
+        parse_her_rm('<think>\nLet me weigh {"better_response": "cand_1"}')
+
+
+def test_her_rm_budget_grows_with_the_candidates_it_repeats():
+    g = _genrm_without_engine()
+    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    short, long = (g.build_requests(JudgeRequest(context="x", a=a, b="b", template="her-rm", mode="cot",
+                                                 swap=False))[0][1].max_tokens for a in ("a", "x" * 3000))
+    assert long - short == 1000 and short >= 2048
+
+
+def _tokens(*steps):
+    """Engine-style token entries: (written token, its probability, {alternative: probability})."""
+    return [(tok, math.log(p), [(alt, math.log(q)) for alt, q in alts.items()]) for tok, p, alts in steps]
+
+
+def test_verdict_probabilities_read_the_tokens_at_the_verdict_value():
+    entries = _tokens(('{"comparisons":[],"verdict', 1.0, {}), ('":"', 1.0, {}),
+                      ("B", 0.6, {"B": 0.6, "A": 0.3, "t": 0.05, "Z": 0.05}), ('"}', 1.0, {}))
+    probs = verdict_probabilities(entries, CompactTemplate.verdict_anchor, CompactTemplate.verdict_values)
+    assert probs == pytest.approx({"A": 0.3 / 0.95, "B": 0.6 / 0.95, "tie": 0.05 / 0.95})
+
+
+def test_verdict_probabilities_split_values_that_share_their_first_token():
+    anchor, values = HerRMTemplate.verdict_anchor, HerRMTemplate.verdict_values
+    entries = _tokens(('"better_response": "', 1.0, {}), ("c", 0.5, {"c": 0.5, "cand": 0.3, "tie": 0.2}),
+                      ("and_", 1.0, {}), ("2", 0.75, {"2": 0.75, "1": 0.25}), ('"', 1.0, {}))
+    probs = verdict_probabilities(entries, anchor, values)
+    # "cand" is another spelling of the open choice the written "c" leaves: it joins the path
+    assert probs == pytest.approx({"A": 0.8 * 0.25, "B": 0.8 * 0.75, "tie": 0.2})
+
+
+def test_verdict_probabilities_handle_a_token_that_straddles_the_value_start():
+    entries = _tokens(('{"verdict', 1.0, {}), ('":"A', 0.5, {'":"A': 0.5, '":"B': 0.4, '":"': 0.1}), ('"}', 1.0, {}))
+    probs = verdict_probabilities(entries, CompactTemplate.verdict_anchor, CompactTemplate.verdict_values)
+    assert probs == pytest.approx({"A": 0.5 / 0.9, "B": 0.4 / 0.9, "tie": 0.0})
+
+
+def test_no_verdict_position_means_no_probabilities_and_an_error_order():
+    assert verdict_probabilities(_tokens(("hello", 1.0, {})), CompactTemplate.verdict_anchor,
+                                 CompactTemplate.verdict_values) is None
+    g = _genrm_without_engine()
+    text = json.dumps({"comparisons": [{"principle": LIB.ids()[0], "winner": "A", "reason": "r"}] * 3,
+                       "verdict": "A"}, separators=(",", ":"))
+    order = g._read_order(JudgeRequest(context="x", a="1", b="2"), True, GenResult(text=text))
+    assert order.status == "error" and "logprobs" in order.error
 
 
 def test_length_limited_output_is_an_error():

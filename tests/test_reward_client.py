@@ -96,11 +96,12 @@ async def test_group_strategy_keeps_each_prompt_group_in_one_request():
     prompts = [f"Scene {k}" for k in (0, 1, 2)] * 3  # interleaved, as a sampler may order them
     completions = [f"reply {i}" for i in range(9)]
     with fault_server(reward=lambda c: int(c.split()[1]) / 10) as fs:
-        client = _client(fs.url, strategy="group", chunk_size=4)
+        client = _client(fs.url, strategy="group", chunk_size=4, aggregate="bradley_terry")
         rewards = await client(prompts, completions)
         bodies = fs.bodies()
         assert len(bodies) == 3  # 3 + 3 > chunk_size 4: one whole group per request
         for body in bodies:
+            assert body["aggregate"] == "bradley_terry"
             assert len(set(body["group_ids"])) == 1 and len(body["group_ids"]) == 3
             assert len(set(body["prompts"])) == 1 and "references" not in body
         assert rewards == [i / 10 for i in range(9)]  # mapped back to input positions

@@ -146,6 +146,16 @@ def test_rewards_with_groups_are_win_rates(server, pairs, unique):
         # every pair hands out exactly one point: Σ win_rate · (n−1) = C(n, 2)
         assert sum(group) * 2 == pytest.approx(3.0)
     assert all(len(d["verdicts"]) == 2 for d in out["details"])
+    # the same verdicts (now cached) aggregated by Bradley–Terry: a complete round robin keeps the order
+    r = httpx.post(server + "/v1/rewards", json={**body, "aggregate": "bradley_terry"}, timeout=600)
+    assert r.status_code == 200, r.text
+    fitted = r.json()["rewards"]
+    for rates, strengths in ((rewards[:3], fitted[:3]), (rewards[3:], fitted[3:])):
+        assert all(0.0 < x < 1.0 for x in strengths)
+        for i in range(3):
+            for j in range(3):
+                if rates[i] > rates[j] + 1e-9:
+                    assert strengths[i] > strengths[j]
 
 
 def test_rewards_against_references_with_format_penalty(server, pairs):

@@ -125,3 +125,47 @@ def test_other_load_errors(tmp_path: Path, raw: dict) -> None:
     no_lines = copy.deepcopy(raw) | {"dialogues": []}
     with pytest.raises(ValidationError, match="dialogues"):
         Scene.model_validate(no_lines)
+
+
+# --- CoSER's test_circumstance_{id,ood}.json shape: `i_p` only inside `plot`, fewer top-level keys ----------
+
+CIRCUMSTANCE = Path(__file__).resolve().parent / "data" / "coser_circumstance_sample.json"
+
+
+def test_circumstance_shape_loads_with_i_p_lifted_from_plot() -> None:
+    records = json.loads(CIRCUMSTANCE.read_text(encoding="utf-8"))
+    assert all("i_p" not in r and "major_characters" not in r and "tag" not in r for r in records)
+    darcy, holmes = load_scenes(CIRCUMSTANCE)
+    assert (darcy.i_p, darcy.i_c, holmes.i_p, holmes.i_c) == (12, 0, 3, 1)
+    assert darcy.major_characters == [] and darcy.tag is None and darcy.weight is None
+    assert darcy.cast() == ["Mr Darcy", "Elizabeth Bennet"]
+    assert darcy.motivation_of("Mr Darcy").startswith("Miss Elizabeth's wit")  # the old `motivation` key
+    assert darcy.plot is not None and darcy.plot.i_p == 12  # type: ignore[attr-defined]  # kept in the plot too
+    assert darcy.sample_id.startswith("pride-and-prejudice-12-0-")
+
+
+def test_lifted_i_p_gives_the_released_test_set_sample_id(scene: Scene, raw: dict) -> None:
+    # The released test set carries `i_p` at the top level and in the plot; the circumstance files only in
+    # the plot. Both spellings of one conversation are one sample (same id, same seed).
+    plot_only = copy.deepcopy(raw)
+    del plot_only["i_p"]
+    lifted = Scene.model_validate(plot_only)
+    assert (lifted.sample_id, lifted.seed) == (scene.sample_id, scene.seed)
+    assert lifted.model_dump(by_alias=True, exclude_unset=True) == raw  # dumps in the released shape
+
+
+def test_missing_or_conflicting_i_p_is_a_clear_error(tmp_path: Path, raw: dict) -> None:
+    nowhere = copy.deepcopy(raw)
+    del nowhere["i_p"], nowhere["plot"]["i_p"]
+    path = tmp_path / "no_i_p.json"
+    path.write_text(json.dumps([raw, nowhere]), encoding="utf-8")
+    with pytest.raises(SceneLoadError, match=r"record 1 is not a valid CoSER scene[\s\S]*no `i_p`.*`plot.i_p`"):
+        load_scenes(path)
+    no_plot = copy.deepcopy(nowhere)
+    del no_plot["plot"]
+    with pytest.raises(ValidationError, match="no `i_p`"):
+        Scene.model_validate(no_plot)
+    conflict = copy.deepcopy(raw)
+    conflict["plot"]["i_p"] = 71
+    with pytest.raises(ValidationError, match=r"`i_p` is 70 but `plot.i_p` is 71"):
+        Scene.model_validate(conflict)
