@@ -51,20 +51,31 @@ def round_robin_pairs(n: int) -> list[tuple[int, int]]:
     return list(combinations(range(n), 2))
 
 
-def win_rates(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdict],
-              kind: RewardKind = "discrete") -> list[float | None]:
-    """Mean score of each member over its judged pairs; None for a member with no judged pair."""
-    totals = [0.0] * n
-    counts = [0] * n
+def _judged_games(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdict], kind: RewardKind,
+                  ) -> tuple[list[float], dict[tuple[int, int], int]]:
+    """Each member's summed score and the number of judged games per unordered pair (unjudged left out)."""
+    wins = [0.0] * n
+    games: dict[tuple[int, int], int] = {}
     for (i, j), verdict in zip(pairs, verdicts, strict=True):
         score = verdict_reward(verdict, kind)
         if score is None:
             continue
-        totals[i] += score
-        totals[j] += 1.0 - score
-        counts[i] += 1
-        counts[j] += 1
-    return [totals[k] / counts[k] if counts[k] else None for k in range(n)]
+        wins[i] += score
+        wins[j] += 1.0 - score
+        key = (min(i, j), max(i, j))
+        games[key] = games.get(key, 0) + 1
+    return wins, games
+
+
+def win_rates(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[Verdict],
+              kind: RewardKind = "discrete") -> list[float | None]:
+    """Mean score of each member over its judged pairs; None for a member with no judged pair."""
+    wins, games = _judged_games(n, pairs, verdicts, kind)
+    counts = [0] * n
+    for (i, j), count in games.items():
+        counts[i] += count
+        counts[j] += count
+    return [wins[k] / counts[k] if counts[k] else None for k in range(n)]
 
 
 GroupAggregate = Literal["winrate", "bradley_terry"]
@@ -81,19 +92,8 @@ def bradley_terry(n: int, pairs: Sequence[tuple[int, int]], verdicts: Sequence[V
     π_i / (π_i + π_j) over the other judged members j: on the win-rate scale (0..1), but a win over a
     strong member counts more than one over a weak member. None for a member with no judged pair.
     """
-    wins = [0.0] * n
-    games: dict[tuple[int, int], float] = {}
-    judged = [False] * n
-    for (i, j), verdict in zip(pairs, verdicts, strict=True):
-        score = verdict_reward(verdict, kind)
-        if score is None:
-            continue
-        wins[i] += score
-        wins[j] += 1.0 - score
-        key = (min(i, j), max(i, j))
-        games[key] = games.get(key, 0.0) + 1.0
-        judged[i] = judged[j] = True
-    members = [k for k in range(n) if judged[k]]
+    wins, games = _judged_games(n, pairs, verdicts, kind)
+    members = sorted({k for pair in games for k in pair})
     strength = [1.0] * n
     for _ in range(max_iter):
         updated = list(strength)

@@ -184,6 +184,7 @@ def _morder(o: OrderResult) -> OrderResult:
             "a_first": not o.a_first,
             "winner": _mw(o.winner),
             "p_a": _mp(o.p_a),
+            "probs": {_mw(w): p for w, p in o.probs.items()} if o.probs else o.probs,
             "comparisons": _mcomps(o.comparisons),
             "pattern": _mpat(o.pattern),
         }
@@ -193,7 +194,7 @@ def _morder(o: OrderResult) -> OrderResult:
 def mirror_verdict(v: Verdict) -> Verdict:
     """The same judgment seen with a and b exchanged.
 
-    Winners a↔b (tie stays), ``p_a → 1 - p_a``, pattern all_a↔all_b, every comparison's winner, and
+    Winners a↔b (tie stays), ``p_a → 1 - p_a``, each order's outcome probabilities a↔b, pattern all_a↔all_b, every comparison's winner, and
     each order's ``a_first`` flipped. ``consistent``, status, usage and metadata are unchanged. Applying
     it twice gives the input back (``p_a`` up to float rounding of ``1 - (1 - p)``).
     """

@@ -46,6 +46,7 @@ def _verdict(**kw) -> Verdict:
                 status="ok",
                 winner="a",
                 p_a=0.8,
+                probs={"a": 0.7, "b": 0.1, "tie": 0.2},
                 pattern="all_a",
                 comparisons=[Comparison(principle="p1", winner="a")],
             ),
@@ -156,6 +157,7 @@ def test_mirror_swaps_everything_orientation_dependent():
     orders = [(o.a_first, o.winner, o.pattern) for o in m.orders]
     assert orders == [(False, "b", "all_b"), (True, "tie", "tie")]
     assert m.orders[0].p_a == pytest.approx(0.2) and m.orders[0].comparisons[0].winner == "b"
+    assert m.orders[0].probs == {"b": 0.7, "a": 0.1, "tie": 0.2}
     assert m.consistent is True and m.usage == v.usage and m.model == v.model
     assert mirror_verdict(_verdict(pattern="all_a")).pattern == "all_b"
     assert v.verdict == "a" and v.comparisons[0].winner == "a"  # input untouched

@@ -270,11 +270,17 @@ class SlowEngine:
                 )
             else:
                 comps = [{"principle": p, "winner": "A", "reason": "r"} for p in pid[:3]]
+                text = json.dumps({"comparisons": comps, "verdict": "A"}, separators=(",", ":"))
+                head = text[: text.rindex('"A"') + 1]
+                # the verdict token with its alternatives, as an engine lists them for `logprobs` requests
+                verdict_token = ("A", math.log(0.8), [("A", math.log(0.8)), ("B", math.log(0.1)),
+                                                     ("tie", math.log(0.1))])
                 out.append(
                     GenResult(
-                        text=json.dumps({"comparisons": comps, "verdict": "A"}),
+                        text=text,
                         prompt_tokens=10,
                         completion_tokens=20,
+                        token_logprobs=[(head, 0.0, []), verdict_token, ('"}', 0.0, [])] if r.logprobs else None,
                     )
                 )
         return out

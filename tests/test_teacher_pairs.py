@@ -43,6 +43,7 @@ def test_teacher_pairs_command_writes_judged_and_mixed_files(tmp_path):
          "--turns-per-scene", "2", "--max-tokens", "40",
          "--policy-kv-cache-gib", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
+    assert (out / "summary.json").exists(), f"exit {done.returncode}: {done.stderr[-3000:]}"
     summary = json.loads((out / "summary.json").read_text())
     # the one Othello scene of the test file, two turns: each kept, or dropped with a reason
     assert summary["kept"] + sum(summary["dropped"].values()) == 2, summary
