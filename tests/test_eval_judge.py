@@ -225,11 +225,11 @@ async def test_two_judges_side_by_side_on_the_session_engine(engine, scene, tmp_
 
 @pytest.mark.model
 async def test_both_modes_of_one_loaded_judge_report_calibration(engine, scene, tmp_path):
-    pairs = labelled_pairs_from_scene(scene, 4)
+    pairs = labelled_pairs_from_scene(scene, 3)
     out = tmp_path / "modes"
     config = JudgeEvalConfig(out_dir=out, modes=("fast", "cot"), batch_size=4, progress=False)
     await evaluate_judges(pairs, [JudgeSpec("base", "smollm2-135m-instruct")], config, engines={"base": engine})
-    metrics = _check_outputs(out, ["base-fast", "base-cot"], 4)
+    metrics = _check_outputs(out, ["base-fast", "base-cot"], 3)
     assert [j["mode"] for j in metrics["judges"]] == ["fast", "cot"]
     for judge in metrics["judges"]:
         saved_pairs, verdicts = read_verdict_records(out / judge["verdicts_file"])
