@@ -109,6 +109,12 @@ class VLLMEngine:
         kv_gib = options.pop("kv_cache_gib", None)
         if kv_gib is not None:
             options["kv_cache_memory_bytes"] = int(kv_gib * GIB)
+        if current_platform.device_type == "cpu" and "enable_chunked_prefill" not in engine_args:
+            # When a prefill is split across steps, vLLM rewinds a seeded request's random generator,
+            # which the CPU generator cannot do ("CPU Generator does not use offset" kills the engine).
+            # Whole prefills only: a step's token budget then has to hold the longest prompt.
+            options["enable_chunked_prefill"] = False
+            options.setdefault("max_num_batched_tokens", options.get("max_model_len") or CPU_DEFAULTS["max_model_len"])
         self.engine_args = {
             "model": _local_path(model),
             "gpu_memory_utilization": gpu_memory_utilization,

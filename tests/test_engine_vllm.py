@@ -146,6 +146,20 @@ async def test_token_logprobs_follow_the_written_tokens(engine) -> None:
         assert logprob <= 0.0 and (token, logprob) in alternatives and len(alternatives) <= 6
 
 
+async def test_seeded_sampling_with_long_prompts_in_one_step_keeps_the_engine_alive(engine) -> None:
+    """Two ~1,300-token prompts used to share one 2,048-token step, so one prefill was split; vLLM then
+    rewinds that request's seeded generator, which kills the CPU engine. Whole prefills avoid it."""
+    assert engine.engine_args["enable_chunked_prefill"] is False
+    assert engine.engine_args["max_num_batched_tokens"] >= engine.engine_args["max_model_len"]
+    long_prompts = [" ".join(f"{word}{i}" for i in range(650)) for word in ("alpha", "omega")]
+    results = await engine.generate([GenRequest(prompt=text, max_tokens=4, temperature=0.9, seed=7 + k)
+                                     for k, text in enumerate(long_prompts)])
+    assert [r.finish_reason for r in results] == ["length", "length"]
+    assert all(r.prompt_tokens > 1000 for r in results)
+    [after] = await engine.generate([GenRequest(messages=ASK, max_tokens=4)])
+    assert after.finish_reason != "error"
+
+
 async def test_seed_and_temperature(engine) -> None:
     def sampled(seed: int) -> GenRequest:
         return GenRequest(prompt="The colour of the sea is", max_tokens=12, temperature=1.5, top_p=0.95, seed=seed)
