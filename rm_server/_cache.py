@@ -194,7 +194,8 @@ def _morder(o: OrderResult) -> OrderResult:
 def mirror_verdict(v: Verdict) -> Verdict:
     """The same judgment seen with a and b exchanged.
 
-    Winners a↔b (tie stays), ``p_a → 1 - p_a``, each order's outcome probabilities a↔b, pattern all_a↔all_b, every comparison's winner, and
+    Winners a↔b (tie stays), ``p_a → 1 - p_a``, each order's outcome probabilities a↔b, pattern
+    all_a↔all_b, every comparison's winner, and
     each order's ``a_first`` flipped. ``consistent``, status, usage and metadata are unchanged. Applying
     it twice gives the input back (``p_a`` up to float rounding of ``1 - (1 - p)``).
     """
