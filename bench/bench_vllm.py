@@ -47,6 +47,7 @@ from _servers import serve_app  # noqa: E402
 
 from her_engines import ChatMessage, Engine, GenRequest, create_engine, ensure_hf_folder  # noqa: E402
 from her_genrm import GenRM, JudgeRequest, Verdict  # noqa: E402
+from her_genrm._templates import fast_request  # noqa: E402
 from her_roleplay import load_scenes  # noqa: E402
 from rm_server import ServerSettings, build_app  # noqa: E402
 
@@ -163,7 +164,7 @@ def warm_requests(genrm: GenRM) -> list[GenRequest]:
     requests = []
     for fast in (False, True):
         system = genrm.compact.messages("", "", "", fast=fast)[0]
-        choices = genrm.compact.fast_request()[1]
+        choices = fast_request(genrm.compact)[1]
         constraint = {"choices": choices} if fast else {"json_schema": genrm.compact.output_schema()}
         requests.append(GenRequest(messages=[system, ChatMessage(role="user", content="warm-up")], max_tokens=1,
                                    **constraint))

@@ -8,9 +8,7 @@ never a default verdict.
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from ._templates import (
     ParsedJudgment,
     PrincipleDetail,
     Slot,
+    fast_request,
     parse_compact,
     parse_her_rm,
     verdict_probabilities,
@@ -153,10 +152,8 @@ class GenRM:
             common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature,
                       "logprobs": self.config.verdict_logprobs or None}
             if fast:
-                prefill, choices = template.fast_request()
-                # decode only until the values diverge (A / B / tie: one token; cand_1 / cand_2: a few)
-                shared = max(len(os.path.commonprefix([x, y])) for x, y in itertools.combinations(choices, 2))
-                gen = GenRequest(**common, prefill=prefill, max_tokens=1 + shared, choices=choices)
+                prefill, choices, max_tokens = fast_request(template)
+                gen = GenRequest(**common, prefill=prefill, max_tokens=max_tokens, choices=choices)
             elif isinstance(template, CompactTemplate):
                 gen = GenRequest(
                     **common,

@@ -10,8 +10,10 @@ answers in slots; `_judge` maps slots back to the caller's ``a`` / ``b``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,10 +145,7 @@ class CompactTemplate:
     # Where the verdict's value starts in a cot answer, and how each slot is written there.
     verdict_anchor = re.compile(r'"verdict":"')
     verdict_values: tuple[tuple[str, Slot], ...] = (("A", "A"), ("B", "B"), ("tie", "tie"))
-
-    def fast_request(self) -> tuple[str, list[str]]:
-        """(assistant prefill, choices) of a fast verdict: no prefill, the slot names."""
-        return "", [value for value, _ in self.verdict_values]
+    fast_prefill = ""  # a fast verdict is the slot name alone
 
     def output_schema(self) -> dict[str, Any]:
         """JSON schema of a cot answer; principle ids are an enum of the library so output always parses."""
@@ -220,12 +219,9 @@ class HerRMTemplate:
 
     verdict_anchor = re.compile(r'"better_response"\s*:\s*"')
     verdict_values: tuple[tuple[str, Slot], ...] = (("cand_1", "A"), ("cand_2", "B"), ("tie", "tie"))
-
-    def fast_request(self) -> tuple[str, list[str]]:
-        """(assistant prefill, choices) of a fast verdict: the answer HER-RM writes, opened as its
-        training target is (fenced JSON, ``result`` list) and cut where ``better_response`` takes its
-        value, so the model's own verdict tokens are scored without its analysis."""
-        return HER_RM_FAST_PREFILL, [value for value, _ in self.verdict_values]
+    # The answer HER-RM writes, opened as its training target is (fenced JSON, `result` list) and cut
+    # where `better_response` takes its value: the model's own verdict tokens, without its analysis.
+    fast_prefill = HER_RM_FAST_PREFILL
 
     @staticmethod
     def max_output_tokens(first: str, second: str) -> int:
@@ -235,6 +231,14 @@ class HerRMTemplate:
 
 
 JudgeTemplate = CompactTemplate | HerRMTemplate
+
+
+def fast_request(template: JudgeTemplate) -> tuple[str, list[str], int]:
+    """(assistant prefill, choices, max_tokens) of a fast verdict. Decoding stops once the values
+    diverge: one token for A / B / tie, a few for cand_1 / cand_2 (at most one per shared character)."""
+    choices = [value for value, _ in template.verdict_values]
+    shared = max(len(os.path.commonprefix([x, y])) for x, y in itertools.combinations(choices, 2))
+    return template.fast_prefill, choices, 1 + shared
 
 
 # --------------------------------------------------------------------------- parsing
