@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 
 from her_cli._engine_args import add_engine_arguments, build_engine_or_exit, engine_settings_from_args
+from her_genrm import api_key_from_env
 from her_roleplay import SceneLoadError, load_scenes
 
 
@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-url", default=None, help="score on this rm_server instead of a local engine")
     j.add_argument(
         "--judge-key",
-        default=os.environ.get("HER_JUDGE_KEY"),
-        help="Bearer key for --judge-url (default: $HER_JUDGE_KEY)",
+        default=None,
+        help="Bearer key for --judge-url (default: env RM_API_KEY, the name the server reads too)",
     )
     add_engine_arguments(j, prefix="judge-", inherit="")
     j.add_argument("--judge-max-tokens", type=int, default=None,
@@ -195,7 +195,7 @@ async def _coser(args: argparse.Namespace) -> int:
         if args.judge_url:
             judge = RemoteTranscriptScorer(
                 args.judge_url,
-                api_key=args.judge_key,
+                api_key=args.judge_key or api_key_from_env(),
                 options=RemoteScorerOptions(
                     max_tokens=judge_cfg.max_tokens,
                     max_flaws=judge_cfg.max_flaws,

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from her_genrm import GenRM, judge_file
 
 from ._engine_args import add_engine_arguments, engine_from_args
 
+EXIT_PAIRS_FAILED = 1
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="in_path", required=True,
-                        help='jsonl, one pair a line: {"context": [messages] | "text", "a": "...", "b": "..."}')
+                        help='jsonl, one pair a line: {"id": ..., "context": [messages] | "text", "a": "...", '
+                             '"b": "..."} (a /v1/judge body; other keys are carried through)')
     parser.add_argument("--out", dest="out_path", required=True, help="jsonl of verdicts (input keys kept)")
     parser.add_argument("--mode", choices=["cot", "fast"], default="cot")
     parser.add_argument("--template", choices=["compact", "her-rm"], default="compact")
@@ -37,4 +41,8 @@ async def _run(args: argparse.Namespace) -> int:
         await engine.aclose()
     print(f"judged {counts['ok'] + counts['error']} pairs: {counts['ok']} ok, {counts['error']} errors "
           f"-> {args.out_path}")
+    if counts["error"]:
+        print(f"her judge: {counts['error']} pair(s) got no verdict (status error; the reason is in their "
+              f"`error` field)", file=sys.stderr)
+        return EXIT_PAIRS_FAILED
     return 0

@@ -117,6 +117,8 @@ class VLLMEngine:
             options.setdefault("max_num_batched_tokens", options.get("max_model_len") or CPU_DEFAULTS["max_model_len"])
         self.engine_args = {
             "model": _local_path(model),
+            # vLLM's metrics carry this as model_name; the same name as ours joins them on dashboards.
+            "served_model_name": model,
             "gpu_memory_utilization": gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
             "enable_prefix_caching": enable_prefix_caching,

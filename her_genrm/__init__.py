@@ -6,7 +6,7 @@
 >>> [verdict] = await genrm.judge([JudgeRequest(context="User: hi", a="...", b="...")])
 """
 
-from ._api import judge, judge_file
+from ._api import API_KEY_ENV, api_key_from_env, judge, judge_file
 from ._card import JUDGE_CARD_FILE, JudgeCard, genrm_config_for, read_judge_card
 from ._judge import GenRM, GenRMConfig, pattern_of
 from ._rewards import (
@@ -71,6 +71,8 @@ from ._types import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
+    "api_key_from_env",
     "MAX_INSTANCE_CHARS",
     "OUTCOME_SCORE",
     "DIMENSION_TITLES",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ def _to_request(pair: Mapping[str, Any] | JudgeRequest, **defaults: Any) -> Judg
     missing = _PAIR_KEYS - set(pair)
     if missing:
         raise ValueError(f"a pair needs keys context, a, b; missing {sorted(missing)}")
-    fields = {k: pair[k] for k in ("context", "a", "b", "seed") if k in pair}
+    # A line may set its own mode/template/swap/seed, as a /v1/judge body does.
+    fields = {k: pair[k] for k in ("context", "a", "b", "seed", "mode", "template", "swap") if k in pair}
+    defaults = {k: v for k, v in defaults.items() if k not in fields}
     return JudgeRequest(**defaults, **fields, extra={k: v for k, v in pair.items() if k not in fields})
 
 
@@ -71,9 +74,21 @@ async def judge_file(
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             for row, verdict in zip(rows[start : start + batch_size], await genrm.judge(chunk), strict=True):
-                record = {**row, **verdict.model_dump(exclude={"orders"}, mode="json")}
+                record = {**row, **verdict.model_dump(exclude={"orders", "id"}, mode="json")}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts[verdict.status] += 1
             out.flush()
             progress.advance(task, len(chunk))
     return counts
+
+
+API_KEY_ENV = "RM_API_KEY"
+
+
+def api_key_from_env() -> str | None:
+    """The Bearer key a client sends to rm_server: env RM_API_KEY (the server reads the same name), else the
+    first of RM_API_KEYS, so one environment configures a server and its clients alike."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        key = os.environ.get(API_KEY_ENV + "S", "")
+    return next((k.strip() for k in key.split(",") if k.strip()), None)

@@ -68,6 +68,7 @@ class OrderResult(BaseModel):
 class Verdict(BaseModel):
     """The judgment of one pair. `verdict`/`p_a` are None when `status == "error"`."""
 
+    id: str | int | None = Field(None, description="the caller's id of the pair, echoed back")
     verdict: Winner | None = None
     p_a: float | None = None
     consistent: bool | None = None

@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import logging
 import math
-import os
 import statistics
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any, Literal
 import httpx
 from tenacity import RetryCallState
 
-from her_genrm import format_violations
+from her_genrm import api_key_from_env, format_violations
 from her_roleplay import strip_system_thinking
 
 from ._adapters import completion_text, context_of, group_key, reference_text
@@ -127,7 +126,7 @@ class RewardClient:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.stats = RewardStats()
-        self._api_key = config.api_key or os.environ.get("RM_API_KEY") or None
+        self._api_key = config.api_key or api_key_from_env()
         self._init_runtime()
 
     def _init_runtime(self) -> None:

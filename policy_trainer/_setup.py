@@ -70,6 +70,11 @@ def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = No
         raw[section]["output_dir"] = output_dir
     if max_steps is not None:
         raw[section]["max_steps"] = max_steps
+    if raw.get("deepspeed") and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # Accelerate refuses a second DeepSpeed config beside its own; the launcher's file wins, so the same
+        # training YAML runs with `her train` and under `accelerate launch`.
+        log.info("launched by accelerate with DeepSpeed: its config wins over deepspeed: %s", raw["deepspeed"])
+        raw["deepspeed"] = None
     return raw, path.resolve().parent
 
 

@@ -88,3 +88,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REWARD_DOWN
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m policy_trainer.cli grpo --config ...`: the form launchers start (`accelerate launch -m`)."""
+    parser = argparse.ArgumentParser(prog="python -m policy_trainer.cli", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
@@ -34,6 +34,8 @@ from ._telemetry import JudgeTelemetry
 from ._transcripts import transcripts_router
 
 log = logging.getLogger("rm_server")
+
+ENGINE_WATCH_INTERVAL_S = 1.0
 
 
 def _package_version() -> str:
@@ -123,8 +125,12 @@ def build_app(
     *,
     engine: Engine | None = None,
     library: PrincipleLibrary | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The ASGI app. Pass `engine` to share an already loaded engine (tests, embedding)."""
+    """The ASGI app. Pass `engine` to share an already loaded engine (tests, embedding).
+
+    `on_fatal(reason)` is called when the model fails to load or the engine dies and
+    `exit_on_engine_failure` is set (`her serve` then stops uvicorn and exits 1)."""
     settings = settings or ServerSettings.load()
     library = library or (PrincipleLibrary.load(settings.principles_path) if settings.principles_path
                           else default_library())
@@ -138,33 +144,54 @@ def build_app(
     else:
         continuous = settings.batching == "continuous"
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry, continuous_batching=continuous)
+    telemetry.set_model(settings.model if engine is None else engine.model_id, kind, _package_version())
 
     def make_genrm(loaded: Engine) -> GenRM:
         config = genrm_config_for(settings.model, settings.principle_detail, library.version)
         return GenRM.from_paths(loaded, principles=library, her_rm_template=settings.her_rm_template, config=config)
 
+    fatal_sent: list[str] = []
+
+    def failed(reason: str) -> None:
+        service.fail(reason)
+        telemetry.set_ready(False)
+        if on_fatal is not None and settings.exit_on_engine_failure and not fatal_sent:
+            fatal_sent.append(reason)
+            on_fatal(service.failure or reason)
+
     async def load_engine() -> None:
         try:
             loaded = await asyncio.to_thread(build_engine, settings, kind)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             log.exception("could not load the judge engine")
-            raise
+            failed(f"the judge model {settings.model!r} failed to load: {exc}")
+            return
         service.genrm = make_genrm(loaded)
+        telemetry.set_model(loaded.model_id, kind, _package_version())
         log.info("judge model %s ready", loaded.model_id)
+
+    async def watch_engine() -> None:
+        """Notice an engine that dies between requests, not only at the next request."""
+        while service.state != "failed":
+            telemetry.set_ready(service.ready)
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        failed(service.failure or "the judge failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        loader = None
+        tasks = []
         if engine is not None:
             service.genrm = make_genrm(engine)
         else:
-            loader = asyncio.create_task(load_engine())
+            tasks.append(asyncio.create_task(load_engine()))
+        tasks.append(asyncio.create_task(watch_engine()))
         try:
             yield
         finally:
-            if loader is not None and not loader.done():
-                loader.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await service.stop()
             if owns_engine and service.genrm is not None:
                 await service.genrm.engine.aclose()

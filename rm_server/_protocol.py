@@ -15,8 +15,10 @@ class _Body(BaseModel):
 
 
 class JudgeBody(_Body):
-    """One pair: the conversation so far and two candidate next turns."""
+    """One pair: the conversation so far and two candidate next turns. A line of a `her judge` input file
+    with these keys posts as it is."""
 
+    id: str | int | None = Field(None, description="your id of the pair; the verdict carries it back")
     context: list[ChatMessage] | str = Field(description="chat messages before the reply, or plain text")
     a: str = Field(description="first candidate reply (system_thinking is stripped before judging)")
     b: str = Field(description="second candidate reply")

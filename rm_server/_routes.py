@@ -19,7 +19,7 @@ from ._protocol import (
     RewardsBody,
     RewardsResponse,
 )
-from ._serving import JudgeService, _request_from_body
+from ._serving import JudgeService
 
 _ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 429, 503, 504)}
 
@@ -32,19 +32,24 @@ def service(request: Request) -> JudgeService:
 
 
 @health.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """Alive: the process answers (the model may still be loading)."""
-    return {"status": "ok"}
-
-
-@api.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
-    """Ready: model loaded, batcher running, queue not full."""
+async def healthz(request: Request) -> JSONResponse:
+    """Alive: 200 while the process can serve or is still loading; 503 once the model failed to load
+    or the engine died (restarting is the fix)."""
     svc = service(request)
+    if svc.failure is not None or svc.state == "failed":
+        return JSONResponse({"status": "degraded", "error": svc.failure}, status_code=503)
+    return JSONResponse({"status": "ok", "state": svc.state})
+
+
+@health.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready: model loaded, engine alive, batcher running, queue not full. Needs no key (probes carry none)."""
+    svc = service(request)
+    state = svc.state
     full = svc.batcher.depth >= svc.settings.max_queue
-    ready = svc.ready and not full
-    body = {"status": "ready" if ready else "not_ready", "model_loaded": svc.genrm is not None,
-            "queue_depth": svc.batcher.depth, "queue_full": full}
+    ready = state == "ready" and not full
+    body = {"status": "ready" if ready else "not_ready", "state": state, "error": svc.failure,
+            "model_loaded": svc.genrm is not None, "queue_depth": svc.batcher.depth, "queue_full": full}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
@@ -64,16 +69,14 @@ async def principles(request: Request) -> dict:
 @api.post("/v1/judge", response_model=Verdict)
 async def judge(body: JudgeBody, request: Request) -> Verdict:
     """Judge one pair of candidate replies."""
-    return await service(request).judge_body(body)
+    [verdict] = await service(request).judge_bodies([body])
+    return verdict
 
 
 @api.post("/v1/judge/batch", response_model=JudgeBatchResponse)
 async def judge_batch(body: JudgeBatchBody, request: Request) -> JudgeBatchResponse:
     """Judge many pairs; they share engine batches with every other request."""
-    svc = service(request)
-    reqs = [_request_from_body(item) for item in body.items]
-    use_cache = all(item.use_cache for item in body.items)
-    return JudgeBatchResponse(verdicts=await svc.judge_many(reqs, use_cache=use_cache))
+    return JudgeBatchResponse(verdicts=await service(request).judge_bodies(body.items))
 
 
 @api.post("/v1/rewards", response_model=RewardsResponse)
@@ -95,5 +98,6 @@ metrics_router = APIRouter(tags=["metrics"])
 async def metrics(request: Request) -> Response:
     svc = service(request)
     svc.telemetry.set_queue_depth(svc.batcher.depth)
+    svc.telemetry.set_ready(svc.ready)
     payload, content_type = svc.telemetry.render()
     return Response(payload, media_type=content_type)

@@ -11,7 +11,9 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
+from her_engines import EngineUnavailable
 from her_genrm import (
     OUTCOME_SCORE,
     GenRM,
@@ -77,10 +79,30 @@ class JudgeService:
         )
         self.telemetry.set_queue_capacity(s.max_queue)
 
+    failure: str | None = None
+    """Why this process cannot judge (the model failed to load, the engine died); None while healthy."""
+
     @property
     def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def state(self) -> Literal["loading", "ready", "failed", "stopped"]:
+        if self.failure is not None:
+            return "failed"
+        if self.genrm is None:
+            return "loading"
         # An engine that can tell (vLLM) reports whether its processes still live.
-        return self.genrm is not None and self.batcher.running and getattr(self.genrm.engine, "alive", True)
+        if not getattr(self.genrm.engine, "alive", True):
+            self.fail("the judge engine died (its processes exited); restart the server")
+            return "failed"
+        return "ready" if self.batcher.running else "stopped"
+
+    def fail(self, reason: str) -> None:
+        """Record the first reason this process cannot judge; later ones add nothing."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("judge unavailable: %s", reason)
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -131,6 +153,8 @@ class JudgeService:
 
     async def judge(self, req: JudgeRequest, *, use_cache: bool = True) -> Verdict:
         """One verdict: from the cache, else from the model (and then cached if ok)."""
+        if self.failure is not None:
+            raise EngineUnavailable(f"the judge cannot serve: {self.failure}")
         if self.genrm is None:
             raise NotReady("the judge model is still loading; retry shortly (see /readyz)")
         self.genrm.template(req.template)  # unknown or unconfigured template → ValueError → 422
@@ -165,9 +189,12 @@ class JudgeService:
                 raise result
         return list(results)  # type: ignore[arg-type]
 
-    async def judge_body(self, body: JudgeBody) -> Verdict:
-        [verdict] = await self.judge_many([_request_from_body(body)], use_cache=body.use_cache)
-        return verdict
+    async def judge_bodies(self, bodies: Sequence[JudgeBody]) -> list[Verdict]:
+        """Verdicts of request bodies, each carrying its body's `id`; the cache is used only if every body allows it."""
+        use_cache = all(body.use_cache for body in bodies)
+        verdicts = await self.judge_many([_request_from_body(body) for body in bodies], use_cache=use_cache)
+        return [v if body.id is None else v.model_copy(update={"id": body.id})
+                for body, v in zip(bodies, verdicts, strict=True)]
 
     # ------------------------------------------------------------------ canary probes
 

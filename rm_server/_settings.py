@@ -36,7 +36,8 @@ class ServerSettings(BaseSettings, EngineSettings):
     her_rm_template: str | None = None
     """Template file of the released HER-RM judge; enables template=her-rm."""
     api_keys: list[SecretStr] = Field(default_factory=list)
-    """Bearer keys (comma-separated in RM_API_KEYS). Empty: auth off."""
+    """Bearer keys, comma-separated: RM_API_KEY (the name the clients read too) or RM_API_KEYS. Empty: auth
+    off."""
     metrics_require_auth: bool = False
     """Whether /metrics needs a key too (Prometheus scrapers often have none)."""
     redis_url: str | None = None
@@ -72,6 +73,9 @@ class ServerSettings(BaseSettings, EngineSettings):
     hack_probe_every: int = 0
     """Every Nth fresh judgment, also judge its context against a degenerate canary reply
     (fast mode) to feed rm_hack_probe_flip_ratio. 0: off."""
+    exit_on_engine_failure: bool = False
+    """Exit with status 1 when the model fails to load or the engine dies, for orchestrators that restart
+    what exits. Off: the process stays up and /healthz and /readyz answer 503 with the error."""
     log_level: str = "info"
     """uvicorn log level."""
 
@@ -117,10 +121,25 @@ class _CommaSafeEnv(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         names = set(self.settings_cls.model_fields)
+        self._fold_aliases()
         unknown = sorted(k for k in self._env if k not in names and k != "config")
         if unknown:
             raise ValueError(f"unknown RM_ setting(s): {', '.join('RM_' + k.upper() for k in unknown)}")
         return {k: v for k, v in self._env.items() if k in names}
+
+    def _fold_aliases(self) -> None:
+        for alias, name in _ENV_ALIASES.items():
+            if alias not in self._env:
+                continue
+            value = self._env.pop(alias)
+            if name in self._env and self._env[name] != value:
+                raise ValueError(f"RM_{alias.upper()} and RM_{name.upper()} are both set and differ; "
+                                 f"they are the same setting: keep one")
+            self._env[name] = value
+
+
+# Env names also accepted for a setting: RM_API_KEY is what the clients read (one key or several).
+_ENV_ALIASES = {"api_key": "api_keys"}
 
 
 class _YamlSource(PydanticBaseSettingsSource):

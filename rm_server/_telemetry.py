@@ -39,6 +39,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
@@ -167,6 +168,11 @@ class JudgeTelemetry:
         self._parse_failures = Counter(
             "rm_parse_failures", "Judge orders whose output gave no verdict (unparseable or engine error).",
             registry=r)
+        self._model_info = Info(
+            "rm_model", "The judge this process serves (dashboards select instances by model).", registry=r)
+        self._ready = Gauge(
+            "rm_ready", "1 while the judge serves (model loaded, engine alive), else 0.", registry=r)
+        self._ready.set(0)
         for kind in ("prompt", "completion"):
             self._tokens_total.labels(kind=kind)
         for result in CACHE_RESULTS:
@@ -291,6 +297,12 @@ class JudgeTelemetry:
         if capacity < 1:
             raise ValueError(f"queue capacity must be >= 1, got {capacity}")
         self._queue_capacity.set(capacity)
+
+    def set_model(self, model: str, engine: str, version: str) -> None:
+        self._model_info.info({"model": model, "engine": engine, "version": version})
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready.set(1 if ready else 0)
 
     def record_tokens(self, prompt: int, completion: int) -> None:
         if prompt < 0 or completion < 0:

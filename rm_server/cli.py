@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ._settings import ServerSettings
 
@@ -33,5 +34,19 @@ def run(args: argparse.Namespace) -> int:
           f"listening on {url}  (docs {url}/docs, metrics {url}/metrics)\n"
           f"try: curl -s {url}/v1/judge -H 'Content-Type: application/json' "
           "-d '{\"context\": \"User: Hello!\", \"a\": \"Hi there.\", \"b\": \":\"}'", flush=True)
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_fatal=stop_on_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level))
+    server.run()
+    if fatal:
+        print(f"rm_server: exiting with status 1: {fatal[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from _pairs import fixture_pairs
 
@@ -149,34 +150,40 @@ async def test_her_rm_fast_scores_the_models_own_verdict_without_extra_instructi
 
 
 @pytest.mark.model
-def test_judge_cli_writes_one_verdict_line_per_pair(tmp_path, pairs16):
-    """`her judge` as users run it: its own process, the default engine (vLLM), nothing left behind."""
+def test_judge_cli_writes_one_verdict_line_per_pair(tmp_path, pairs16, rm_server):
+    """`her judge` as users run it: its own process, the default engine (vLLM), nothing left behind. A pair
+    the judge cannot take (a context past the model's length) gets status error and a non-zero exit; each
+    input line also posts to /v1/judge as it is, and its id comes back."""
     src, out = tmp_path / "pairs.jsonl", tmp_path / "verdicts.jsonl"
     rows = [
-        {"context": [m.model_dump() for m in p["context"]], "a": p["a"], "b": p["b"], "id": i}
+        {"id": i, "context": [m.model_dump() for m in p["context"]], "a": p["a"], "b": p["b"]}
         for i, p in enumerate(pairs16[:3])
     ]
-    src.write_text("\n".join(json.dumps(r) for r in rows))
+    rows[0]["book"] = "carried through"
+    too_long = {"id": "long", "context": "Mr Bennet: " + "Lizzy, listen to me. " * 2500, "a": "Yes.", "b": "No."}
+    src.write_text("\n".join(json.dumps(r) for r in [*rows, too_long]))
     her = Path(sys.executable).with_name("her")
     done = subprocess.run([str(her), "judge", "--in", str(src), "--out", str(out), "--mode", "fast"],
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 pair(s) got no verdict" in done.stderr
     assert "starting the vllm engine" in done.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in lines] == [0, 1, 2]  # extra keys carried through, order kept
-    for line in lines:
-        for key in (
-            "verdict",
-            "p_a",
-            "consistent",
-            "status",
-            "pattern",
-            "principles",
-            "comparisons",
-            "usage",
-        ):
+    assert [x["id"] for x in lines] == [0, 1, 2, "long"]  # ids and extra keys carried through, order kept
+    assert lines[0]["book"] == "carried through"
+    for line in lines[:3]:
+        for key in ("verdict", "p_a", "consistent", "status", "pattern", "principles", "comparisons", "usage"):
             assert key in line
         assert line["status"] == "ok"
+    assert lines[3]["status"] == "error" and lines[3]["verdict"] is None and lines[3]["error"]
+
+    for row in rows[1:]:
+        posted = httpx.post(rm_server.base_url + "/v1/judge", json={**row, "mode": "fast"}, timeout=300)
+        assert posted.status_code == 200, posted.text
+        assert posted.json()["id"] == row["id"] and posted.json()["status"] == "ok"
+    batch = httpx.post(rm_server.base_url + "/v1/judge/batch", timeout=300,
+                       json={"items": [{**r, "id": f"x{r['id']}", "mode": "fast"} for r in rows[1:]]})
+    assert [v["id"] for v in batch.json()["verdicts"]] == ["x1", "x2"]
 
 
 # ---------------------------------------------------------------- mechanisms

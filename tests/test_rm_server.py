@@ -62,7 +62,7 @@ def redis_url_module() -> str:
 
 
 def test_health_ready_info_principles(server):
-    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server + "/healthz").json() == {"status": "ok", "state": "ready"}
     ready = httpx.get(server + "/readyz")
     assert ready.status_code == 200 and ready.json()["model_loaded"] is True
     info = httpx.get(server + "/v1/info").json()
@@ -229,6 +229,7 @@ def test_auth_refusal_and_acceptance(engine, pairs):
     with serve_app(app) as base:
         assert httpx.get(base + "/healthz").status_code == 200
         assert httpx.get(base + "/metrics").status_code == 200  # scrapers need no key by default
+        assert httpx.get(base + "/readyz").status_code == 200  # nor do orchestrators' readiness probes
         r = httpx.get(base + "/v1/info")
         assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
         assert httpx.get(base + "/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -336,7 +337,8 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_alert_rules_are_valid():
     res = promtool("check", "rules", "docker/prometheus/alerts.yml")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS: 9 rules found" in res.stdout
+    rules = sum(len(g["rules"]) for g in yaml.safe_load((ROOT / "docker/prometheus/alerts.yml").read_text())["groups"])
+    assert f"SUCCESS: {rules} rules found" in res.stdout
     res = promtool("check", "config", "docker/prometheus/prometheus.yml")
     assert res.returncode == 0, res.stdout + res.stderr
 

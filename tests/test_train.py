@@ -260,24 +260,29 @@ def test_dead_reward_server_stops_the_run_without_an_update(scene, tmp_path):
     assert summary["stopped"] == result.stopped
 
 
-def test_cli_under_deepspeed_exits_nonzero_when_the_server_stays_down(tmp_path):
-    """The shipped smoke config (DeepSpeed ZeRO-2) via `her train grpo`, with nothing at the reward URL."""
+def test_readme_accelerate_launch_line_exits_nonzero_when_the_server_stays_down(tmp_path):
+    """The README's launcher line (`accelerate launch ... -m policy_trainer.cli grpo`), with the CPU accelerate
+    file and the shipped smoke config, nothing at the reward URL: a DeepSpeed run that stops with exit 3."""
     raw = yaml.safe_load(SMOKE.read_text())
-    raw["deepspeed"] = str(CONFIGS / raw["deepspeed"])
+    raw["deepspeed"] = str(CONFIGS / raw["deepspeed"])  # the launcher's DeepSpeed config must win over it
     raw["data"]["scene_files"] = [str(CONFIGS / p) for p in raw["data"]["scene_files"]]
     raw["reward"].update(retry_budget_s=1.0, max_backoff_s=0.2)
     config = tmp_path / "grpo.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
+    accelerate = HER.with_name("accelerate")
     proc = subprocess.run(
-        [str(HER), "train", "grpo", "--config", str(config), "--reward-url", f"http://127.0.0.1:{free_port()}",
-         "--output-dir", str(out)],
-        env=launcher_free_env(), capture_output=True, text=True, timeout=900,
+        [str(accelerate), "launch", "--config_file", str(CONFIGS / "accelerate_zero2_cpu.yaml"),
+         "-m", "policy_trainer.cli", "grpo", "--config", str(config),
+         "--reward-url", f"http://127.0.0.1:{free_port()}", "--output-dir", str(out)],
+        env=launcher_free_env(), capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
-    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert proc.returncode != 0, proc.stderr[-4000:]
     assert "stopped: rm_server unreachable for" in proc.stderr and "at step 1" in proc.stderr
+    assert "exitcode  : 3" in proc.stderr  # the trainer's own code under accelerate's launcher
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["engine"] == "DeepSpeedEngine" and summary["global_step"] == 0
+    assert summary["distributed_type"] == "DEEPSPEED"
 
 
 # A local reward that differs between any two different rollouts, so the advantages are non-zero.
