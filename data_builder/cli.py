@@ -2,6 +2,8 @@
 
 `sft` is the quick case: one jsonl, one sample per character perspective (its last turn), no splits.
 `policy` is the training build: every own turn as a target, grouped splits, evaluation scenes removed.
+`verl` brings rows of other layouts (GRPO rows, `reward_model.answer`, verl rows without
+`extra_info.prompt`) into the layout verl and the HER reward function read.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from her_roleplay import SceneLoadError, load_scenes
 from ._books import scenes_for_pairs
 from ._negatives import FLAW_KINDS, hard_negatives
 from ._pairs import MixConfig, balance
-from ._policy import SPLITS, SplitConfig, build_and_export, parse_fractions
+from ._policy import SPLITS, VERL_DATA_SOURCE, SplitConfig, build_and_export, parse_fractions
 from ._sft import sft_records
 from ._stages import add_synth_arguments, run_synth
 from ._teacher_pairs import add_teacher_pair_arguments, run_teacher_pairs
+from ._verl import convert_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--holdout-book", action="append", default=[], metavar="TITLE",
                         help="put this whole book into the test split (repeatable)")
     policy.add_argument("--seed", type=int, default=0, help="changes which conversations land in which split")
+    verl = sub.add_parser("verl", help="rows of other layouts (GRPO rows, reward_model.answer, verl rows without "
+                          "extra_info.prompt) in verl's layout with extra_info.prompt (jsonl + parquet)")
+    verl.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                      help="jsonl, json (a list) or parquet files; each becomes <out>/<name>.jsonl + .parquet")
+    verl.add_argument("--out", required=True, help="output folder")
+    verl.add_argument("--data-source", default=VERL_DATA_SOURCE,
+                      help=f"data_source of rows that carry none (default {VERL_DATA_SOURCE})")
     synth = sub.add_parser("synth", help="HER reverse synthesis with a teacher model: role_thinking, "
                            "system_thinking and setting stages, resumable")
     add_synth_arguments(synth)
@@ -93,6 +103,17 @@ def _run_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_verl(args: argparse.Namespace) -> int:
+    try:
+        summary = convert_files(args.inputs, args.out, data_source=args.data_source)
+    except (OSError, ValueError) as exc:
+        print(f"her build verl: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{name} {n}" for name, n in summary["rows"].items())
+    print(f"verl rows ({counts}) -> {args.out} ({', '.join(summary['files'])})")
+    return 0
+
+
 def _run_negatives(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else None
     unknown = sorted(set(kinds or ()) - set(FLAW_KINDS))
@@ -125,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.stage == "policy":
         return _run_policy(args)
+    if args.stage == "verl":
+        return _run_verl(args)
     if args.stage == "synth":
         return run_synth(args)
     if args.stage == "negatives":

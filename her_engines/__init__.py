@@ -9,7 +9,7 @@ Build one from configuration with ``build_engine(EngineSettings(...))``.
 """
 
 from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind, vllm_missing
-from ._models import ResolvedModel, cache_root, ensure_hf_folder, resolve_model
+from ._models import ResolvedModel, cache_root, ensure_hf_folder, model_fingerprint, resolve_model
 from ._settings import EngineSettings, build_engine
 from ._types import (
     ChatMessage,
@@ -45,6 +45,7 @@ __all__ = [
     "create_engine",
     "ensure_hf_folder",
     "resolve_engine_kind",
+    "model_fingerprint",
     "resolve_model",
     "vllm_missing",
 ]

@@ -163,3 +163,36 @@ def ensure_hf_folder(model: str | ResolvedModel) -> Path:
     except Exception as exc:  # any loader failure means "this model is not usable here"
         raise EngineUnavailable(f"could not convert {resolved.source} to an HF folder: {exc}") from exc
     return resolved.hf_folder
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+_SAMPLE_BYTES = 1 << 16
+
+
+def model_fingerprint(model: str) -> str:
+    """A short hash that changes when the model's files change: retraining a judge into the same folder
+    gives a new fingerprint, so cached verdicts of the old weights are never served for the new ones.
+
+    Local models hash their config and tokenizer files whole and each weight file's name, size and first
+    and last 64 KiB (cheap even for 60 GB of weights; a retrained tensor changes the checksums or headers
+    that sit there). A name that is no local path (a hub id) is its own fingerprint.
+    """
+    path = Path(model).expanduser()
+    if model == DEFAULT_MODEL:
+        path = _bundled_gguf()
+    if not path.exists():
+        return hashlib.sha256(model.encode()).hexdigest()[:16]
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        size = file.stat().st_size
+        digest.update(str(size).encode() + b"\0")
+        with file.open("rb") as handle:
+            if file.suffix.lower() not in _WEIGHT_SUFFIXES or size <= 2 * _SAMPLE_BYTES:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(_SAMPLE_BYTES))
+                handle.seek(size - _SAMPLE_BYTES)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]

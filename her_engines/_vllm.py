@@ -145,6 +145,15 @@ class VLLMEngine:
             raise EngineUnavailable(f"vLLM could not start {model!r}: {exc}") from exc
 
     @property
+    def tokenizer(self) -> Any:
+        """The tokenizer prompts are encoded with (the judge reads its special tokens from it)."""
+        if self._tokenizer is None and self._llm is not None:
+            tokenizer = self._llm.get_tokenizer()
+            # Older vLLM releases made this a coroutine of the engine's loop.
+            self._tokenizer = self._in_loop(tokenizer).result() if inspect.isawaitable(tokenizer) else tokenizer
+        return self._tokenizer
+
+    @property
     def alive(self) -> bool:
         """False once the engine was closed or its processes died."""
         return self._llm is not None and not self._llm.errored

@@ -22,6 +22,7 @@ from ._rewards import (
     verdict_reward,
     win_rates,
 )
+from ._safety import ControlTokens, control_token_strings, neutralize_control_tokens
 from ._templates import (
     CompactTemplate,
     HerRMTemplate,
@@ -45,6 +46,7 @@ from ._transcript import (
     FlawType,
     ScoringProtocol,
     TranscriptDimension,
+    TranscriptInputError,
     TranscriptScore,
     TranscriptScorer,
     TranscriptScorerConfig,
@@ -84,9 +86,12 @@ __all__ = [
     "TRANSCRIPT_DIMENSIONS",
     "CompactTemplate",
     "Comparison",
+    "ControlTokens",
     "DimensionResult",
     "Flaw",
     "GenRM",
+    "control_token_strings",
+    "neutralize_control_tokens",
     "GenRMConfig",
     "HerRMTemplate",
     "PrincipleDetail",
@@ -102,6 +107,7 @@ __all__ = [
     "TemplateName",
     "TranscriptDimension",
     "TranscriptScore",
+    "TranscriptInputError",
     "TranscriptScorer",
     "TranscriptScorerConfig",
     "Usage",

@@ -8,6 +8,7 @@ never a default verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -19,6 +20,7 @@ from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
 
 from ._rewards import OUTCOME_SCORE
+from ._safety import ControlTokens
 from ._templates import (
     SLOTS,
     CompactTemplate,
@@ -80,14 +82,8 @@ class GenRMConfig:
     back to the written verdict's 1 / 0.5 / 0."""
 
     def sampling(self) -> dict[str, float | int | None]:
-        return {
-            "cot_max_tokens": self.cot_max_tokens,
-            "her_rm_max_tokens": self.her_rm_max_tokens,
-            "verdict_logprobs": self.verdict_logprobs,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "principle_detail": self.principle_detail,
-        }
+        """Every setting (a field added later joins the cache key by itself)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -102,6 +98,9 @@ class GenRM:
     def __post_init__(self) -> None:
         self.compact = CompactTemplate(self.library, principle_detail=self.config.principle_detail)
         self._known_ids = set(self.library.ids())
+        # Request text must never spell a control token of the judge's template (see `_safety`);
+        # the engine's own tokenizer, where it exposes one, says which strings are special.
+        self.control_tokens = ControlTokens.of(getattr(self.engine, "tokenizer", None))
 
     @classmethod
     def from_paths(
@@ -140,15 +139,18 @@ class GenRM:
     # ------------------------------------------------------------------ requests
 
     def build_requests(self, req: JudgeRequest) -> list[tuple[bool, GenRequest]]:
-        """(a_first, engine request) for each presentation order of one pair."""
+        """(a_first, engine request) for each presentation order of one pair. Its texts are neutralised
+        first: none of them can spell a control token of the judge's template."""
         template = self.template(req.template)
-        a, b = strip_system_thinking(req.a), strip_system_thinking(req.b)
+        neutralize = self.control_tokens.neutralize
+        a, b = neutralize(strip_system_thinking(req.a)), neutralize(strip_system_thinking(req.b))
+        context = self.control_tokens.neutralize_context(req.context)
         orders = [True, False] if req.swap else [True]
         fast = req.mode == "fast"
         out = []
         for a_first in orders:
             first, second = (a, b) if a_first else (b, a)
-            messages = template.messages(req.context, first, second, fast=fast)
+            messages = template.messages(context, first, second, fast=fast)
             common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature,
                       "logprobs": self.config.verdict_logprobs or None}
             if fast:

@@ -53,6 +53,7 @@ from pydantic import BaseModel, Field
 from her_engines import ChatMessage, Engine, GenRequest, GenResult
 from her_roleplay import ENVIRONMENT, DialogueLine, Scene, parse_coser, parse_reply, render_coser
 
+from ._safety import ControlTokens
 from ._templates import JudgeOutputError, _first_json_object
 from ._types import Status, Usage
 
@@ -476,9 +477,13 @@ def _fence(label: str, text: str, nonce: str) -> str:
     return f"<<<{label} {nonce}>>>\n{text or '(empty)'}\n<<<END {label} {nonce}>>>"
 
 
+class TranscriptInputError(ValueError):
+    """The transcript or its options cannot be scored as given (the caller's to fix)."""
+
+
 def _check_dimension(dimension: str) -> None:
     if dimension not in FLAW_TYPES:
-        raise ValueError(
+        raise TranscriptInputError(
             f"unknown dimension {dimension!r}; expected one of {', '.join(TRANSCRIPT_DIMENSIONS)}"
         )
 
@@ -595,7 +600,7 @@ class TranscriptScorer:
             for line in transcript
         ]
         if not lines:
-            raise ValueError("the transcript is empty: nothing to score")
+            raise TranscriptInputError("the transcript is empty: nothing to score")
         dims = list(dict.fromkeys(dimensions or TRANSCRIPT_DIMENSIONS))
         for d in dims:
             _check_dimension(d)
@@ -611,6 +616,10 @@ class TranscriptScorer:
             )
             for d in dims
         }
+        # Scene and transcript text must not become control tokens of the judge's chat template.
+        control = ControlTokens.of(getattr(self.engine, "tokenizer", None))
+        prompts = {d: [m.model_copy(update={"content": control.neutralize(m.content)}) for m in messages]
+                   for d, messages in prompts.items()}
         base_seed = scene.seed if seed is None else seed
         results: dict[str, DimensionResult] = {}
         errors: dict[str, tuple[str, str | None]] = {}

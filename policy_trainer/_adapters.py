@@ -5,8 +5,9 @@
   `group_key` turn them into what `/v1/rewards` takes.
 - TRL: `RewardClient` is itself the reward function (async, picklable);
   `RewardClientMetricsCallback(client)` adds the client's running counters to every `Trainer.log`.
-- verl: `compute_score` / `compute_score_async` / `compute_score_batch` follow verl's custom reward
-  function contract; point `custom_reward_function.path` at `policy_trainer/verl_reward.py`.
+- verl: `compute_score` / `compute_score_async` (and `compute_score_batch` for verl's older batch
+  manager) follow verl's custom reward function contract; point
+  `reward.custom_reward_function.path` at `policy_trainer/verl_reward.py` (verl 0.9.1's key).
 - OpenRLHF needs no code: point `--reward.remote_url` (releases before the dotted CLI:
   `--remote_rm_url`) at the server's `/get_reward`, with the reference reply as the dataset label.
 """
@@ -145,9 +146,33 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------- verl
+#
+# What verl 0.9.1 does (verl/trainer/ppo/reward.py, verl/experimental/reward_loop/):
+# - `reward.custom_reward_function.{path,name,reward_kwargs}` is read by `get_custom_reward_fn`; the
+#   top-level `custom_reward_function.*` is still accepted by Hydra, but main_ppo never reads it.
+# - Its reward loop calls the function once per rollout, with keywords: `data_source`,
+#   `solution_str` (the decoded response), `ground_truth` (`reward_model["ground_truth"]` of the row,
+#   looked up by verl itself: a row without it fails with KeyError before we run), `extra_info`
+#   (the row's extra_info plus, on the rollout-time path, the rollout's extra fields such as
+#   `raw_prompt`) and the reward_kwargs. Coroutine functions are awaited on the worker's loop,
+#   plain ones run in its thread pool. Registered managers: naive (default), dapo, gdpo,
+#   rate_limited, remote (plain functions only); no `batch` manager any more, and none of them
+#   sees a whole prompt group.
+# - An exception fails that rollout: the v1 trainer (the default) marks its prompt's group
+#   `failure` and keeps no trajectory of it (no reward, not 0); the legacy trainer stops the step.
+#   None is no "missing reward" there (it is stored as the rollout's reward_score) and NaN would
+#   reach the advantages: an unjudged rollout raises.
 
 _clients: dict[tuple, RewardClient] = {}
 _clients_lock = threading.Lock()
+
+VERL_PROMPT_KEYS = (PROMPT_KEY, "raw_prompt")
+"""Where the conversation is looked for in verl's `extra_info`, in order: `prompt` (put there by
+`her build policy` / `her build verl`), then `raw_prompt` (verl 0.9.1 adds the rollout's chat
+messages under this name when it scores a rollout as soon as it is generated, its default path)."""
+
+VERL_PASSED_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
+"""Keywords verl's managers add when verl runs its own reward model; not used here."""
 
 
 def _verl_client(kwargs: Mapping[str, Any], *, batched: bool) -> RewardClient:
@@ -155,6 +180,12 @@ def _verl_client(kwargs: Mapping[str, Any], *, batched: bool) -> RewardClient:
     from ._reward_client import RewardClient, RewardClientConfig
 
     fields = set(RewardClientConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - fields - VERL_PASSED_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"reward_kwargs {unknown} are not reward client settings; "
+            f"reward.custom_reward_function.reward_kwargs takes {sorted(fields)}"
+        )
     overrides = {k: v for k, v in kwargs.items() if k in fields}
     overrides.setdefault("url", os.environ.get(URL_ENV))
     if not overrides["url"]:
@@ -165,7 +196,7 @@ def _verl_client(kwargs: Mapping[str, Any], *, batched: bool) -> RewardClient:
     if strategy != "reference" and not batched:
         raise ValueError(
             "verl's per-rollout compute_score sees one rollout at a time: only strategy "
-            "'reference' works there; use compute_score_batch for 'group'"
+            "'reference' works there (verl 0.9.1's reward loop has no batched manager)"
         )
     key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
     with _clients_lock:
@@ -175,23 +206,33 @@ def _verl_client(kwargs: Mapping[str, Any], *, batched: bool) -> RewardClient:
     return client
 
 
+def _plain(value: Any) -> Any:
+    """Rows reach us as numpy arrays (parquet via pandas, verl's object arrays): back to lists."""
+    if not isinstance(value, str) and hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [dict(v) if isinstance(v, Mapping) else v for v in value]
+    return value
+
+
 def _verl_prompt(extra_info: Any, where: str) -> Any:
-    if not isinstance(extra_info, Mapping) or PROMPT_KEY not in extra_info:
-        raise ValueError(
-            f"{where}: extra_info[{PROMPT_KEY!r}] must hold the prompt (text or chat messages) "
-            "the rollout answers; add it when building the verl parquet"
-        )
-    prompt = extra_info[PROMPT_KEY]
-    if not isinstance(prompt, str) and hasattr(prompt, "tolist"):  # parquet rows arrive as numpy arrays
-        prompt = prompt.tolist()
-    return prompt
+    if isinstance(extra_info, Mapping):
+        for key in VERL_PROMPT_KEYS:
+            if extra_info.get(key) is not None:
+                return _plain(extra_info[key])
+    keys = sorted(extra_info) if isinstance(extra_info, Mapping) else type(extra_info).__name__
+    raise ValueError(
+        f"{where}: extra_info[{PROMPT_KEY!r}] must hold the prompt (text or chat messages) the rollout "
+        f"answers (or extra_info['raw_prompt'], which verl adds on its rollout-time reward path); "
+        f"got {keys}. `her build policy` and `her build verl` write extra_info['prompt']"
+    )
 
 
 def _verl_failure(client: RewardClient, failed: int, total: int) -> RuntimeError:
     return RuntimeError(
         f"rm_server gave no reward for {failed} of {total} rollout(s) "
-        f"(last error: {client.stats.last_error}); verl has no 'missing reward' value and 0 would be "
-        "a false reward, so the step stops here"
+        f"(last error: {client.stats.last_error}); 0 would be a false reward, so the rollout fails "
+        "instead (verl 0.9.1's v1 trainer then leaves it out; its legacy trainer stops the step)"
     )
 
 
@@ -211,18 +252,18 @@ def _verl_batch(
             f"ground_truths={len(ground_truths)}, extra_infos={len(extras)}"
         )
     prompts = [_verl_prompt(extra, f"rollout {i}") for i, extra in enumerate(extras)]
-    return prompts, list(solution_strs), {client.config.reference_column: list(ground_truths)}
+    return prompts, list(solution_strs), {client.config.reference_column: [_plain(g) for g in ground_truths]}
 
 
 def compute_score(
     data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
 ) -> float:
-    """verl reward of one rollout, judged against `ground_truth` (the dataset's reference reply).
+    """verl reward of one rollout, judged against `ground_truth` (the row's `reward_model.ground_truth`).
 
-    - prompt: `extra_info["prompt"]` (text or chat messages: the conversation the rollout answers);
-    - server: env `HER_RM_URL` (or `url` in `custom_reward_function.reward_kwargs`, where any other
-      `RewardClientConfig` field may be set too, e.g. `judge_mode: fast`);
-    - a failed judgment raises RuntimeError: verl has no "no reward" value and 0.0 would be a false one.
+    - prompt: `extra_info["prompt"]`, else `extra_info["raw_prompt"]` (text or chat messages);
+    - server: env `HER_RM_URL` (or `url` in `reward.custom_reward_function.reward_kwargs`, where any
+      other `RewardClientConfig` field may be set too, e.g. `judge_mode: fast`);
+    - a rollout that cannot be judged raises RuntimeError (verl fails that rollout; never 0.0).
     """
     client = _verl_client(kwargs, batched=False)
     prompts, completions, columns = _verl_batch(
@@ -237,7 +278,8 @@ def compute_score(
 async def compute_score_async(
     data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
 ) -> float:
-    """`compute_score` for verl's reward loop, which awaits coroutine functions on its own event loop."""
+    """`compute_score` as a coroutine: verl's reward loop awaits it on its own event loop, so the
+    rollouts of a worker are judged concurrently without tying up its thread pool."""
     client = _verl_client(kwargs, batched=False)
     prompts, completions, columns = _verl_batch(
         client, [data_source], [solution_str], [ground_truth], [extra_info]
@@ -255,11 +297,12 @@ def compute_score_batch(
     extra_infos: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """verl's batched contract (`reward_model.reward_manager=batch`): one score per rollout.
+    """verl's batched contract (its `BatchRewardManager`): one score per rollout.
 
-    The rollouts go out together (chunked, concurrent). With `strategy: group` in reward_kwargs the
-    rollouts sharing a prompt are judged against each other instead of against the references.
-    Any missing reward raises RuntimeError, as in `compute_score`.
+    verl 0.9.1's trainer no longer runs that manager (`Unknown reward manager: batch`); this serves
+    releases that still do, and direct calls. The rollouts go out together (chunked, concurrent);
+    with `strategy: group` the rollouts sharing a prompt are judged against each other. Any
+    missing reward raises RuntimeError, as in `compute_score`.
     """
     client = _verl_client(kwargs, batched=True)
     prompts, completions, columns = _verl_batch(
@@ -276,6 +319,8 @@ __all__ = [
     "PROMPT_KEY",
     "ROLES",
     "URL_ENV",
+    "VERL_PASSED_KWARGS",
+    "VERL_PROMPT_KEYS",
     "RewardClientMetricsCallback",  # noqa: F822 - built on first access (module __getattr__)
     "completion_text",
     "compute_score",

@@ -18,13 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from her_engines import Engine, EngineKind, build_engine
+from her_engines import Engine, EngineKind, build_engine, model_fingerprint
 from her_genrm import GenRM, genrm_config_for
 from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
 from ._batcher import QueueFull
-from ._cache import RedisVerdictCache, build_cache
+from ._cache import TieredVerdictCache, build_cache
 from ._errors import BodyTooLarge, mapped_exception_classes, status_of
 from ._protocol import ErrorBody, ErrorEnvelope, InfoResponse
 from ._routes import api, health, metrics_router
@@ -120,6 +120,19 @@ def _instrument(app: FastAPI, telemetry: JudgeTelemetry) -> None:
         return response
 
 
+def _add_protected_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs behind the API key (FastAPI's own routes take no dependencies)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def docs():  # type: ignore[no-untyped-def]
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+
 def build_app(
     settings: ServerSettings | None = None,
     *,
@@ -162,6 +175,7 @@ def build_app(
     async def load_engine() -> None:
         try:
             loaded = await asyncio.to_thread(build_engine, settings, kind)
+            service.model_fingerprint = await asyncio.to_thread(model_fingerprint, settings.model)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             log.exception("could not load the judge engine")
             failed(f"the judge model {settings.model!r} failed to load: {exc}")
@@ -182,6 +196,7 @@ def build_app(
         await service.start()
         tasks = []
         if engine is not None:
+            service.model_fingerprint = model_fingerprint(str(getattr(engine, "model_id", settings.model)))
             service.genrm = make_genrm(engine)
         else:
             tasks.append(asyncio.create_task(load_engine()))
@@ -197,8 +212,12 @@ def build_app(
                 await service.genrm.engine.aclose()
             await cache.aclose()
 
+    protect_docs = bool(settings.api_keys) and settings.docs_require_auth
     app = FastAPI(title="HER GenRM service", version=_package_version(), lifespan=lifespan,
-                  description="Pairwise generative reward model for role-play (HER), with RL reward routes.")
+                  description="Pairwise generative reward model for role-play (HER), with RL reward routes.",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if protect_docs else {}))
+    if protect_docs:
+        _add_protected_docs(app)
     app.state.service = service
     app.state.library = library
     app.state.api_keys = [k.get_secret_value() for k in settings.api_keys]
@@ -217,7 +236,7 @@ def build_app(
             batching="continuous" if continuous else "micro",
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
-            cache="redis" if isinstance(cache, RedisVerdictCache) else "memory",
+            cache="redis" if isinstance(cache, TieredVerdictCache) else "memory",
             auth=bool(settings.api_keys),
             version=_package_version(),
         )

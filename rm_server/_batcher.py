@@ -112,6 +112,7 @@ class MicroBatcher(Generic[T, R]):
         self._slots: asyncio.Semaphore | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._inflight: dict[asyncio.Task[None], list[_Entry[T]]] = {}
+        self._dispatched_at: dict[asyncio.Task[None], float] = {}
         self._forming: list[_Entry[T]] = []  # batch being collected (stop() must be able to fail it)
         self._queued = 0  # live entries in the queue; the bound counts these, not abandoned ones
         self._accepting = False
@@ -215,6 +216,14 @@ class MicroBatcher(Generic[T, R]):
                 entry.state = "dropped"
                 self._queued -= 1
 
+    @property
+    def oldest_running_s(self) -> float:
+        """How long the oldest batch inside the handler has been running (0 when none is): a stalled engine
+        shows here before any caller's deadline passes."""
+        if not self._dispatched_at:
+            return 0.0
+        return time.monotonic() - min(self._dispatched_at.values())
+
     # ---------------------------------------------------------------- consumer side
 
     async def _consume(self) -> None:
@@ -282,11 +291,13 @@ class MicroBatcher(Generic[T, R]):
     def _dispatch(self, batch: list[_Entry[T]]) -> None:
         task = asyncio.create_task(self._run(batch), name=f"{self._name}-batch")
         self._inflight[task] = batch
+        self._dispatched_at[task] = time.monotonic()
         self._forming = []
         task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
+        self._dispatched_at.pop(task, None)
         assert self._slots is not None
         self._slots.release()  # in a callback so a batch cancelled before it ran still frees its slot
         if not task.cancelled() and task.exception() is not None:

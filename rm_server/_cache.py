@@ -36,7 +36,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -213,11 +213,18 @@ def mirror_verdict(v: Verdict) -> Verdict:
 # --------------------------------------------------------------------------- caches
 
 
+CacheResult = Literal["hit", "miss", "error"]
+
+
 @runtime_checkable
 class VerdictCache(Protocol):
-    """What rm_server needs from a verdict cache. Implementations never raise on get/set."""
+    """What rm_server needs from a verdict cache. Implementations never raise on get/set/lookup."""
 
     async def get(self, key: str) -> Verdict | None: ...
+
+    async def lookup(self, key: str) -> tuple[Verdict | None, CacheResult]:
+        """The verdict and how the look-up went: "error" when the store failed (a miss the fault caused)."""
+        ...
 
     async def set(self, key: str, verdict: Verdict) -> None: ...
 
@@ -271,6 +278,10 @@ class LRUVerdictCache:
             return None
         self._data.move_to_end(key)
         return _decode(raw)
+
+    async def lookup(self, key: str) -> tuple[Verdict | None, CacheResult]:
+        verdict = await self.get(key)
+        return verdict, "hit" if verdict is not None else "miss"
 
     async def set(self, key: str, verdict: Verdict) -> None:
         raw = _encode(verdict)
@@ -349,26 +360,29 @@ class RedisVerdictCache:
             self._on_error(kind)
 
     async def get(self, key: str) -> Verdict | None:
+        return (await self.lookup(key))[0]
+
+    async def lookup(self, key: str) -> tuple[Verdict | None, CacheResult]:
         if self.circuit_open:
             self.skipped += 1
-            return None
+            return None, "error"
         try:
             async with asyncio.timeout(self._op_deadline_s):
                 raw = await self._redis.get(key)
         except Exception as exc:  # noqa: BLE001 - contract: a cache fault never fails a request
             self._fail("get", exc)
-            return None
+            return None, "error"
         self._open_until = -math.inf
         if raw is None:
-            return None
+            return None, "miss"
         try:
-            return _decode(raw)
+            return _decode(raw), "hit"
         except ValueError as exc:  # a stale/foreign value under our key: a miss, not an outage
             log.warning("verdict cache: undecodable entry %s dropped (%s)", key, exc)
             if self._on_error is not None:
                 self._on_error("get")
             self.errors += 1
-            return None
+            return None, "error"
 
     async def set(self, key: str, verdict: Verdict) -> None:
         raw = _encode(verdict)
@@ -400,6 +414,41 @@ class RedisVerdictCache:
             log.warning("verdict cache: closing redis client failed (%s: %s)", type(exc).__name__, exc)
 
 
+class TieredVerdictCache:
+    """An in-process LRU in front of the shared Redis cache.
+
+    Verdicts are immutable under their key, so the local copy is never stale. While Redis is down the LRU
+    keeps serving what this process has seen (the fault is reported as an "error" look-up); when Redis is
+    back, the circuit's half-open probe finds it again with no restart.
+    """
+
+    def __init__(self, shared: RedisVerdictCache, local: LRUVerdictCache) -> None:
+        self.shared, self.local = shared, local
+
+    async def get(self, key: str) -> Verdict | None:
+        return (await self.lookup(key))[0]
+
+    async def lookup(self, key: str) -> tuple[Verdict | None, CacheResult]:
+        verdict = await self.local.get(key)
+        if verdict is not None:
+            return verdict, "hit"
+        verdict, result = await self.shared.lookup(key)
+        if verdict is not None:
+            await self.local.set(key, verdict.model_copy(update={"cached": False}))
+        return verdict, result
+
+    async def set(self, key: str, verdict: Verdict) -> None:
+        await self.local.set(key, verdict)
+        await self.shared.set(key, verdict)
+
+    async def ping(self) -> bool:
+        return await self.shared.ping()
+
+    async def aclose(self) -> None:
+        await self.shared.aclose()
+        await self.local.aclose()
+
+
 def build_cache(
     redis_url: str | None,
     *,
@@ -408,13 +457,14 @@ def build_cache(
     on_error: Callable[[str], None] | None = None,
     **redis_options: Any,
 ) -> VerdictCache:
-    """Redis when a URL is given (an empty string counts as none), else the in-process LRU.
+    """With a Redis URL (an empty string counts as none): the in-process LRU in front of Redis; else the LRU.
 
-    `max_entries` applies to the LRU only; `on_error` and `redis_options` (e.g. `circuit_open_s`)
+    `max_entries` applies to the LRU; `on_error` and `redis_options` (e.g. `circuit_open_s`)
     to Redis only (the LRU cannot fail).
     """
     if redis_url:
-        return RedisVerdictCache(redis_url, ttl_s=ttl_s, on_error=on_error, **redis_options)
+        shared = RedisVerdictCache(redis_url, ttl_s=ttl_s, on_error=on_error, **redis_options)
+        return TieredVerdictCache(shared, LRUVerdictCache(max_entries=max_entries, ttl_s=ttl_s))
     if redis_options:
         raise TypeError(f"options {sorted(redis_options)} apply to Redis only, but no redis_url was given")
     return LRUVerdictCache(max_entries=max_entries, ttl_s=ttl_s)

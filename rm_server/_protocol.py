@@ -96,11 +96,15 @@ class RewardsResponse(BaseModel):
 
 
 class OpenRLHFRewardBody(BaseModel):
-    """OpenRLHF remote reward protocol (`--remote_rm_url`). Extra keys are ignored."""
+    """OpenRLHF remote reward protocol (`--reward.remote_url`), as its `SingleTurnAgentExecutor` posts it.
+    Extra keys are ignored. Only a body whose lists cannot be paired is refused (422): an item that cannot
+    be judged (empty label, prompt not found in its query) gets a null reward and its reason instead."""
 
-    query: list[str] = Field(description="prompt + response, as the trainer decoded them")
-    prompts: list[str] = Field(default_factory=list)
-    labels: list[str] | None = Field(None, description="the reference reply of each sample")
+    query: list[str] = Field(description="prompt + response as the trainer decoded them (special tokens kept); "
+                                         "a prompt longer than the trainer's budget is cut at its start")
+    prompts: list[str] = Field(default_factory=list, description="each sample's whole prompt")
+    labels: list[Any] | None = Field(None, description="the reference reply of each sample ('' when OpenRLHF "
+                                                       "runs without --data.label_key)")
 
     @model_validator(mode="after")
     def _check(self) -> OpenRLHFRewardBody:
@@ -108,18 +112,15 @@ class OpenRLHFRewardBody(BaseModel):
             raise ValueError(f"prompts has {len(self.prompts)} items but query has {len(self.query)}")
         if self.labels is not None and len(self.labels) != len(self.query):
             raise ValueError(f"labels has {len(self.labels)} items but query has {len(self.query)}")
-        if self.query and self.labels is None:
-            raise ValueError("labels (the reference replies) are required to judge rollouts")
-        for i, (q, p) in enumerate(zip(self.query, self.prompts, strict=True)):
-            if not q.startswith(p):
-                raise ValueError(f"query[{i}] does not start with prompts[{i}]")
         return self
 
 
 class OpenRLHFRewardResponse(BaseModel):
-    rewards: list[float | None]
-    scores: list[float | None]
-    extra_logs: dict[str, list[Any]]
+    rewards: list[float | None] = Field(description="per item; null when it could not be judged")
+    scores: list[float | None] = Field(description="the same as rewards")
+    extra_logs: dict[str, list[Any]] = Field(
+        description="judge_ok, judge_outcome, prompt_truncated per item, and judge_error (the reason of each "
+                    "null reward, '' for the others) when some item has one")
 
 
 class TranscriptScoreBody(_Body):

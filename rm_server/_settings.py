@@ -40,6 +40,8 @@ class ServerSettings(BaseSettings, EngineSettings):
     off."""
     metrics_require_auth: bool = False
     """Whether /metrics needs a key too (Prometheus scrapers often have none)."""
+    docs_require_auth: bool = True
+    """Whether /docs and /openapi.json need a key when keys are set (the liveness and readiness probes never do)."""
     redis_url: str | None = None
     """Redis URL for the verdict cache; unset: in-process LRU cache."""
     cache_ttl_s: int = 7 * 24 * 3600
@@ -58,6 +60,14 @@ class ServerSettings(BaseSettings, EngineSettings):
     """Pairs inside an engine that batches continuously (vllm, openai) at once; more wait in the queue."""
     max_queue: int = 512
     """Pairs waiting for the engine before new requests get 429."""
+    rate_limit_pairs_per_s: float = Field(0.0, ge=0)
+    """Pairs per second each client (API key, or address when auth is off) may send; over it: 429 +
+    Retry-After. 0: no per-client limit."""
+    rate_limit_burst: int | None = Field(None, ge=1)
+    """Pairs a client may send at once before its rate applies; unset: twice the rate (at least 1)."""
+    fair_share: bool = True
+    """Once the queue is over half full, a client holding more than an equal share of it gets 429, so one
+    client cannot starve the others."""
     request_timeout_s: float = 300.0
     """Deadline of one pair from arrival to verdict; past it: 504."""
     max_body_bytes: int = 8 * 1024 * 1024
@@ -70,9 +80,9 @@ class ServerSettings(BaseSettings, EngineSettings):
     """Most pairs or completions in one batch/rewards request; more: 422."""
     telemetry_window: int = 1000
     """Judgments in the rolling window of the judge-health gauges."""
-    hack_probe_every: int = 0
-    """Every Nth fresh judgment, also judge its context against a degenerate canary reply
-    (fast mode) to feed rm_hack_probe_flip_ratio. 0: off."""
+    hack_probe_every: int = Field(50, ge=0)
+    """Every Nth fresh ok judgment, also judge its context against a degenerate or judge-aimed canary reply
+    (fast mode, ~2% more engine work at 50) to feed rm_hack_probe_flip_ratio and rm_hack_probes_total. 0: off."""
     exit_on_engine_failure: bool = False
     """Exit with status 1 when the model fails to load or the engine dies, for orchestrators that restart
     what exits. Off: the process stays up and /healthz and /readyz answer 503 with the error."""

@@ -168,6 +168,11 @@ class JudgeTelemetry:
         self._parse_failures = Counter(
             "rm_parse_failures", "Judge orders whose output gave no verdict (unparseable or engine error).",
             registry=r)
+        self._probes_total = Counter(
+            "rm_hack_probes", "Canary probes judged, by what the judge preferred (real|degenerate|tie) or error.",
+            ["preferred"], registry=r)
+        for preferred in ("real", "degenerate", "tie", "error"):
+            self._probes_total.labels(preferred=preferred)
         self._model_info = Info(
             "rm_model", "The judge this process serves (dashboards select instances by model).", registry=r)
         self._ready = Gauge(
@@ -177,6 +182,8 @@ class JudgeTelemetry:
             self._tokens_total.labels(kind=kind)
         for result in CACHE_RESULTS:
             self._cache_requests.labels(result=result)
+        for op in ("get", "set"):  # zero-valued from the start, so rate() and alerts see the series
+            self._cache_errors.labels(op=op)
 
         # --- rolling judge health -----------------------------------------------------------------
         docs = {
@@ -270,6 +277,9 @@ class JudgeTelemetry:
             self._values["rm_hack_probe_flip_ratio"] = self._probe_flips / len(self._probes)
             self._values["rm_window_probes"] = float(len(self._probes))
             self._publish()
+
+    def record_probe_outcome(self, preferred: Literal["real", "degenerate", "tie", "error"]) -> None:
+        self._probes_total.labels(preferred=preferred).inc()
 
     # --- traffic -----------------------------------------------------------------------------------
     def observe_request(self, route: str, code: int, seconds: float) -> None:

@@ -7,6 +7,8 @@ client cannot ask for unbounded generations.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +16,7 @@ from her_genrm import (
     MAX_INSTANCE_CHARS,
     ScoringProtocol,
     TranscriptDimension,
+    TranscriptInputError,
     TranscriptScore,
     TranscriptScorer,
     TranscriptScorerConfig,
@@ -21,7 +24,7 @@ from her_genrm import (
 from her_roleplay import DialogueLine, Scene
 
 from ._auth import require_key
-from ._errors import InputTooLarge, NotReady
+from ._errors import InputTooLarge, InvalidRequest
 from ._protocol import ErrorEnvelope
 
 MAX_TRANSCRIPT_LINES = 200
@@ -48,7 +51,7 @@ class TranscriptScoreBody(BaseModel):
                                       "(comparable with published scores); her: ours (severities 1-5)")
 
 
-_ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 503)}
+_ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 429, 503, 504)}
 transcripts_router = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS, tags=["transcripts"])
 
 
@@ -59,14 +62,16 @@ async def score_transcript(body: TranscriptScoreBody, request: Request) -> Trans
     A dimension whose judge output stayed unreadable has status "error" and no score; the average is
     then null and the status "error" (HTTP 200: the request itself was served).
     """
-    genrm = request.app.state.service.genrm
-    if genrm is None:
-        raise NotReady("the judge model is still loading; retry shortly")
     if len(body.transcript) > MAX_TRANSCRIPT_LINES:
         raise InputTooLarge(f"transcript has {len(body.transcript)} lines; at most {MAX_TRANSCRIPT_LINES}")
     config = TranscriptScorerConfig(
         max_tokens=body.max_tokens, max_flaws=body.max_flaws, max_instance_chars=body.max_instance_chars,
         protocol=body.protocol,
     )
-    scorer = TranscriptScorer(genrm.engine, config)
-    return await scorer.score(body.scene, body.transcript, dimensions=body.dimensions, seed=body.seed)
+    try:
+        return await request.app.state.service.score_transcript(
+            lambda engine: TranscriptScorer(engine, config).score(
+                body.scene, body.transcript, dimensions=body.dimensions, seed=body.seed),
+            judge_calls=len(body.dimensions or get_args(TranscriptDimension)))
+    except TranscriptInputError as exc:
+        raise InvalidRequest(str(exc)) from None

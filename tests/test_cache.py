@@ -19,6 +19,7 @@ from rm_server._cache import (
     KEY_PREFIX,
     LRUVerdictCache,
     RedisVerdictCache,
+    TieredVerdictCache,
     VerdictCache,
     build_cache,
     mirror_verdict,
@@ -240,7 +241,8 @@ def test_lru_rejects_bad_settings():
 def test_build_cache_picks_backend():
     assert isinstance(build_cache(None, max_entries=3), LRUVerdictCache)
     assert isinstance(build_cache("", max_entries=3), LRUVerdictCache)
-    assert isinstance(build_cache(SHARED_URL, ttl_s=5), RedisVerdictCache)
+    tiered = build_cache(SHARED_URL, ttl_s=5)
+    assert isinstance(tiered, TieredVerdictCache) and isinstance(tiered.shared, RedisVerdictCache)
     with pytest.raises(ValueError):
         build_cache("http://not-redis:1")
     with pytest.raises(TypeError):
@@ -440,15 +442,41 @@ async def test_redis_circuit_skips_then_probes_again(private_redis):
         await c.aclose()
 
 
-async def test_redis_down_at_startup_never_raises():
+async def test_redis_down_at_startup_never_raises_and_the_local_cache_serves():
     errors: list[str] = []
     c = build_cache(f"redis://127.0.0.1:{_free_port()}/0", on_error=errors.append, circuit_open_s=0)
     try:
-        assert await c.get("k") is None
+        assert await c.lookup("k") == (None, "error")  # the fault is a counted error, not a plain miss
         await c.set("k", _verdict())
         assert errors == ["get", "set"]
+        verdict, result = await c.lookup("k")  # what this process judged is still served
+        assert result == "hit" and verdict.cached and verdict.verdict == "a"
     finally:
         await c.aclose()
+
+
+async def test_tiered_cache_survives_a_redis_restart(private_redis):
+    """Redis killed mid-run: verdicts judged meanwhile are served from memory; Redis back: new verdicts reach
+    it again (another process sees them) with no restart of ours."""
+    errors: list[str] = []
+    c = build_cache(private_redis.url, on_error=errors.append, circuit_open_s=0.2)
+    other = RedisVerdictCache(private_redis.url)
+    v = _verdict()
+    try:
+        await c.set("before", v)
+        assert (await other.get("before")).verdict == "a"
+        private_redis.kill()
+        await c.set("during", v)
+        assert (await c.lookup("during"))[1] == "hit" and "set" in errors
+        private_redis.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and await other.get("after") is None:
+            await c.set("after", v)
+            await asyncio.sleep(0.25)
+        assert (await other.get("after")).verdict == "a", f"Redis not used again after restart; errors={errors}"
+    finally:
+        await c.aclose()
+        await other.aclose()
 
 
 async def test_redis_hung_server_times_out_without_raising():

@@ -123,7 +123,8 @@ def test_make_bench_runs_at_a_tiny_size(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "vllm.json").read_text())
-    assert results["figures"]["judge_errors"] == 0
+    figures = results["figures"]
+    assert figures["pairs_per_s_concurrent"] > 0 and figures["engine_speedup"] > 0 and figures["decode_tok_s"] > 0
     assert (tmp_path / "vllm_latency.png").stat().st_size > 0
 
 

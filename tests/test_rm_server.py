@@ -12,6 +12,7 @@ import pytest
 from _pairs import fixture_pairs
 from _servers import RedisProcess, serve_app
 from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
 
 from her_engines import GenRequest, GenResult
 from rm_server import ServerSettings, build_app
@@ -206,8 +207,8 @@ def test_bad_input_is_a_clear_4xx(server, pairs):
         server + "/v1/rewards", json={"prompts": ["p"], "completions": ["c", "d"], "references": ["r"]}
     )
     assert r.status_code == 422 and "completions has 2" in r.json()["error"]["message"]
-    r = httpx.post(server + "/get_reward", json={"query": ["abc"], "prompts": ["x"], "labels": ["l"]})
-    assert r.status_code == 422 and "does not start with" in r.json()["error"]["message"]
+    r = httpx.post(server + "/get_reward", json={"query": ["abc"], "labels": ["l"]})
+    assert r.status_code == 422 and "prompts" in r.json()["error"]["message"]
 
 
 def test_metrics_scrape_parses_and_counts(server):
@@ -388,17 +389,40 @@ def test_redis_dies_mid_run_and_the_cache_recovers(engine):
             assert judge(1)["cached"] is False and judge(1)["cached"] is True
             port = redis.port
             redis.kill()
-            assert judge(2)["cached"] is False  # still served, uncached
-            assert judge(2)["cached"] is False
-            errors = sum(v for k, v in _metrics(base).items() if k.startswith("rm_cache_errors_total"))
-            assert errors >= 1
+            assert judge(2)["cached"] is False  # still served
+            assert judge(2)["cached"] is True  # from the in-process tier while Redis is down
+            m = _metrics(base)
+            assert sum(v for k, v in m.items() if k.startswith("rm_cache_errors_total")) >= 1
+            assert m["rm_cache_requests_total{result=error}"] >= 1  # the fault is counted, not a plain miss
             redis = RedisProcess(port).start()
+            shared = Redis.from_url(redis.url)
             deadline = time.monotonic() + 10
-            while True:
-                judge(3)
-                if judge(3)["cached"]:
-                    break
-                assert time.monotonic() < deadline, "cache did not recover after Redis came back"
+            k = 3
+            while not shared.dbsize():  # new verdicts reach Redis again, with no restart of ours
+                judge(k)
+                k += 1
+                assert time.monotonic() < deadline, "Redis not used again after it came back"
                 time.sleep(0.3)
     finally:
         redis.kill()
+
+
+def test_hack_canary_runs_end_to_end_and_counts_outcomes(engine, pairs):
+    """The canary is on by default; at every judgment here, each fresh ok verdict sends one canary pair through
+    the real judge, and its outcome is counted (real / degenerate / tie / error), never dropped silently."""
+    assert ServerSettings.model_fields["hack_probe_every"].default > 0
+    app = build_app(_settings(hack_probe_every=1), engine=engine)
+    with serve_app(app) as base:
+        for pair in pairs[:2]:
+            verdict = httpx.post(base + "/v1/judge", json=_body(pair, mode="fast", use_cache=False), timeout=300)
+            assert verdict.json()["status"] == "ok"
+        deadline = time.monotonic() + 120
+        counted = 0.0
+        while time.monotonic() < deadline:
+            m = _metrics(base)
+            counted = sum(v for k, v in m.items() if k.startswith("rm_hack_probes_total"))
+            if counted >= 2:
+                break
+            time.sleep(0.5)
+        assert counted >= 2, m
+        assert m["rm_window_probes"] >= 1 and 0.0 <= m["rm_hack_probe_flip_ratio"] <= 1.0
