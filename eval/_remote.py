@@ -3,10 +3,15 @@
 Transient failures (connection errors, 429, 5xx) are retried with exponential back-off (honouring a
 ``Retry-After`` header); anything else, or running out of attempts, raises
 :class:`RemoteScoringError`, which the runner records as that sample's failure.
+
+Several servers (``--judge-url http://a:8000,http://b:8000``, or a list): requests take turns at the
+first URL they try, and one that meets a transient failure there goes on to the next URL at once; the
+back-off starts only after every URL failed. Each transcript's score comes from one response only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +55,7 @@ class RemoteTranscriptScorer:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         api_key: str | None = None,
         timeout_s: float = 900.0,
@@ -61,13 +66,16 @@ class RemoteTranscriptScorer:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = _split_urls(base_url)
+        self.base_url = ",".join(self.base_urls)
         self.attempts = attempts
         self.options = options or RemoteScorerOptions()
         self.model_id = f"remote:{self.base_url}"
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
-        )
+        self._clients = {
+            url: httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, transport=transport)
+            for url in self.base_urls
+        }
+        self._turn = itertools.count()
 
     async def score(
         self,
@@ -98,23 +106,45 @@ class RemoteTranscriptScorer:
                     return await self._post(body)
         except _Retryable as exc:
             raise RemoteScoringError(
-                f"{self.base_url}{ROUTE} still failing after {self.attempts} attempts: {exc}"
+                f"{ROUTE} on {self.base_url} still failing after {self.attempts} attempts: {exc}"
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, body: dict[str, Any]) -> TranscriptScore:
+        """One attempt: the URLs in turn (from a rotating start) until one answers; the next URL gets the
+        request only after the previous one failed, so at most one answer is ever read."""
+        start = next(self._turn) % len(self.base_urls)
+        failure: _Retryable | None = None
+        for url in [*self.base_urls[start:], *self.base_urls[:start]]:
+            try:
+                return await self._post_to(url, body)
+            except _Retryable as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def _post_to(self, url: str, body: dict[str, Any]) -> TranscriptScore:
         try:
-            resp = await self._client.post(ROUTE, json=body)
+            resp = await self._clients[url].post(ROUTE, json=body)
         except httpx.TransportError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            raise _Retryable(f"{url}: {type(exc).__name__}: {exc}") from exc
         if resp.status_code in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {resp.status_code}: {_message(resp)}", _retry_after(resp))
+            raise _Retryable(f"{url}: HTTP {resp.status_code}: {_message(resp)}", _retry_after(resp))
         if resp.status_code != 200:
-            raise RemoteScoringError(f"{self.base_url}{ROUTE} answered {resp.status_code}: {_message(resp)}")
+            raise RemoteScoringError(f"{url}{ROUTE} answered {resp.status_code}: {_message(resp)}")
         return TranscriptScore.model_validate(resp.json())
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
+
+
+def _split_urls(value: str | Sequence[str]) -> list[str]:
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    urls = list(dict.fromkeys(p.strip().rstrip("/") for p in parts if p and p.strip()))
+    if not urls:
+        raise ValueError(f"no judge URL in {value!r}")
+    return urls
 
 
 _backoff = wait_exponential_jitter(initial=1.0, max=30.0)

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(n, prefix="nsp-", inherit="")
 
     j = coser.add_argument_group("judge")
-    j.add_argument("--judge-url", default=None, help="score on this rm_server instead of a local engine")
+    j.add_argument("--judge-url", default=None,
+                   help="score on this rm_server instead of a local engine (several comma-separated: failover)")
     j.add_argument(
         "--judge-key",
         default=None,

@@ -17,6 +17,14 @@ Failures, per request:
 - `CircuitBreaker`: after `circuit_failure_threshold` consecutive failed attempts the server is left
   alone for `circuit_reset_s`, then one trial request probes it. Calls that meet an open circuit
   wait for the probe if their budget allows it, else give up at once.
+- several URLs (`url="http://a:8000,http://b:8000"` or a list): one attempt starts at the URL the
+  chunk's context hashes to and, on a transport error, 408/429 or 5xx there (or an open circuit),
+  passes the same request on to the next URL; only when every URL failed does the backoff above
+  start. Each URL has its own breaker. A chunk's rewards come from exactly one successful response:
+  a request that failed on one server is sent on, never applied twice (a server that timed out may
+  still have judged it, but its answer is never read). The context hash also goes out as the
+  `x-session-id` header, which Ray Serve's consistent-hash router (`her serve --replicas`) uses to
+  keep a context on one replica.
 Every failure ends as None for the rollouts concerned (TRL turns it into NaN), never 0.
 """
 
@@ -76,8 +84,13 @@ class _Tally:
 
 @dataclass
 class _LoopState:
-    client: httpx.AsyncClient
+    clients: dict[str, httpx.AsyncClient]
     semaphore: asyncio.Semaphore
+
+
+# Ray Serve's session header (`RAY_SERVE_SESSION_ID_HEADER_KEY`): its consistent-hash router sends equal
+# values to one replica. Plain rm_server ignores it.
+AFFINITY_HEADER = "x-session-id"
 
 
 def _pack(units: list[list[int]], size: int) -> list[list[list[int]]]:
@@ -131,7 +144,10 @@ class RewardClient:
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._breaker = CircuitBreaker(self.config.circuit_failure_threshold, self.config.circuit_reset_s)
+        self._breakers = {
+            url: CircuitBreaker(self.config.circuit_failure_threshold, self.config.circuit_reset_s)
+            for url in self.config.urls
+        }
         # httpx clients and semaphores belong to one event loop: one of each per loop that calls us.
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
@@ -140,7 +156,7 @@ class RewardClient:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {
-            k: v for k, v in self.__dict__.items() if k not in ("_lock", "_breaker", "_loops", "_worker")
+            k: v for k, v in self.__dict__.items() if k not in ("_lock", "_breakers", "_loops", "_worker")
         }
         with self._lock:
             state["stats"] = dataclasses.replace(self.stats, http_errors=dict(self.stats.http_errors))
@@ -156,7 +172,14 @@ class RewardClient:
 
     @property
     def circuit_state(self) -> Literal["closed", "open", "half_open"]:
-        return self._breaker.state
+        """The best state over the URLs: closed while any server takes requests."""
+        states = set(self.circuit_states.values())
+        return "closed" if "closed" in states else "half_open" if "half_open" in states else "open"
+
+    @property
+    def circuit_states(self) -> dict[str, Literal["closed", "open", "half_open"]]:
+        """Each URL's circuit breaker state."""
+        return {url: breaker.state for url, breaker in self._breakers.items()}
 
     # ------------------------------------------------------------------ public calls
 
@@ -228,7 +251,8 @@ class RewardClient:
         with self._lock:
             state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:
-            await state.client.aclose()
+            for client in state.clients.values():
+                await client.aclose()
 
     def metrics(self) -> dict[str, float]:
         """Flat running counters for trainer logs (`reward_client/...`)."""
@@ -241,6 +265,7 @@ class RewardClient:
                 "failed": s.failed,
                 "failed_frac": s.failed / s.completions if s.completions else 0.0,
                 "retries": s.retries,
+                "failovers": s.failovers,
                 "circuit_opens": s.circuit_opens,
                 "circuit_rejections": s.circuit_rejections,
                 "format_violations": s.format_violations,
@@ -250,7 +275,7 @@ class RewardClient:
                 "max": s.last_max,
             }
             out.update({f"http_errors/{kind}": count for kind, count in sorted(s.http_errors.items())})
-        out["circuit_open"] = 0.0 if self._breaker.state == "closed" else 1.0
+        out["circuit_open"] = 0.0 if self.circuit_state == "closed" else 1.0
         return {f"reward_client/{k}": float(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ inputs
@@ -332,23 +357,27 @@ class RewardClient:
             if state is None:
                 cfg = self.config
                 headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-                client = httpx.AsyncClient(
-                    base_url=cfg.url,
-                    headers=headers,
-                    timeout=httpx.Timeout(cfg.request_timeout_s, connect=min(10.0, cfg.request_timeout_s)),
-                    limits=httpx.Limits(
-                        max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency
-                    ),
-                )
-                state = self._loops[loop] = _LoopState(client, asyncio.Semaphore(cfg.max_concurrency))
+                clients = {
+                    url: httpx.AsyncClient(
+                        base_url=url,
+                        headers=headers,
+                        timeout=httpx.Timeout(cfg.request_timeout_s, connect=min(10.0, cfg.request_timeout_s)),
+                        limits=httpx.Limits(
+                            max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency
+                        ),
+                    )
+                    for url in cfg.urls
+                }
+                state = self._loops[loop] = _LoopState(clients, asyncio.Semaphore(cfg.max_concurrency))
         return state
 
     async def _score_chunk(
         self, state: _LoopState, items: list[_Item], chunk: list[list[int]], deadline: float, tally: _Tally
     ) -> dict[int, tuple[float | None, str | None]]:
         indices = [i for unit in chunk for i in unit]
+        key = items[indices[0]].group or group_key(items[indices[0]].context)  # where this context goes
         try:
-            data = await self._post(state, self._body(items, indices), deadline, tally)
+            data = await self._post(state, self._body(items, indices), key, deadline, tally)
         except Rejected as exc:
             if exc.status in SPLIT_STATUSES and len(chunk) > 1:  # isolate the unit the server refuses
                 parts = await asyncio.gather(
@@ -389,7 +418,9 @@ class RewardClient:
                 out[i] = (None, error or f"server status {status[k] if status else 'n/a'}, reward {value!r}")
         return out
 
-    async def _post(self, state: _LoopState, body: dict[str, Any], deadline: float, tally: _Tally) -> Any:
+    async def _post(
+        self, state: _LoopState, body: dict[str, Any], key: str, deadline: float, tally: _Tally
+    ) -> Any:
         def on_retry(rs: RetryCallState) -> None:
             tally.retries += 1
             with self._lock:
@@ -404,60 +435,85 @@ class RewardClient:
         data = None
         async for attempt in retrying(deadline, self.config.max_backoff_s, on_retry):
             with attempt:
-                data = await self._attempt(state, body)
+                data = await self._attempt(state, body, key)
         return data
 
-    async def _attempt(self, state: _LoopState, body: dict[str, Any]) -> Any:
+    def _route(self, key: str) -> list[str]:
+        """The URLs in the order one attempt tries them: from the one `key` hashes to, round the list."""
+        urls = self.config.urls
+        start = int(key[:8], 16) % len(urls) if len(urls) > 1 else 0
+        return [*urls[start:], *urls[:start]]
+
+    async def _attempt(self, state: _LoopState, body: dict[str, Any], key: str) -> Any:
+        """One attempt: the request goes to the first URL that takes it; the next URL gets it only after
+        the previous one failed (so one response at most is ever read)."""
+        failed: list[Retryable] = []
+        waits: list[float] = []
         async with state.semaphore:
-            wait = self._breaker.admit()
-            if wait > 0:
-                with self._lock:
-                    self.stats.circuit_rejections += 1
-                    last = self.stats.last_error
-                raise CircuitOpen(f"circuit open after repeated failures (last: {last})", retry_after=wait)
-            try:
-                response = await state.client.post("/v1/rewards", json=body)
-            except TRANSPORT_ERRORS as exc:
-                self._failed_attempt(transport_kind(exc), f"{type(exc).__name__}: {exc}")
-                raise Retryable(f"{type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                self._breaker.release()
-                raise
+            for url in self._route(key):
+                wait = self._breakers[url].admit()
+                if wait > 0:
+                    waits.append(wait)
+                    continue
+                if failed:
+                    with self._lock:
+                        self.stats.failovers += 1
+                    log.debug("passing the request on to %s after: %s", url, failed[-1])
+                try:
+                    return await self._attempt_one(state, url, body, key)
+                except Retryable as exc:
+                    failed.append(exc)
+        if failed:  # every URL that took the request failed: back off, then try them all again
+            raise failed[-1]
+        with self._lock:
+            self.stats.circuit_rejections += 1
+            last = self.stats.last_error
+        raise CircuitOpen(f"circuit open after repeated failures (last: {last})", retry_after=min(waits))
+
+    async def _attempt_one(self, state: _LoopState, url: str, body: dict[str, Any], key: str) -> Any:
+        breaker = self._breakers[url]
+        try:
+            response = await state.clients[url].post("/v1/rewards", json=body, headers={AFFINITY_HEADER: key})
+        except TRANSPORT_ERRORS as exc:
+            self._failed_attempt(url, transport_kind(exc), f"{type(exc).__name__} from {url}: {exc}")
+            raise Retryable(f"{type(exc).__name__} from {url}: {exc}") from exc
+        except BaseException:
+            breaker.release()
+            raise
         code = response.status_code
         if code >= 400:
-            message = f"HTTP {code} from {self.config.url}/v1/rewards: {error_message(response)}"
+            message = f"HTTP {code} from {url}/v1/rewards: {error_message(response)}"
             if code in RETRY_STATUSES:
                 if code == 429:  # alive but busy: says nothing about the server's health
-                    self._breaker.release()
+                    breaker.release()
                     self._count_error(str(code), message)
                 else:
-                    self._failed_attempt(str(code), message)
+                    self._failed_attempt(url, str(code), message)
                 raise Retryable(message, retry_after=retry_after(response))
-            self._breaker.success()  # it answered: the server is up, the request is at fault
+            breaker.success()  # it answered: the server is up, the request is at fault
             self._count_error(str(code), message)
             if code == 401:
                 message += " (set RewardClientConfig.api_key or env RM_API_KEY)"
             raise Rejected(message, status=code)
-        self._breaker.success()
+        breaker.success()
         try:
             return response.json()
         except ValueError as exc:
-            raise Rejected(
-                f"unreadable JSON from {self.config.url}/v1/rewards: {response.text[:200]}"
-            ) from exc
+            raise Rejected(f"unreadable JSON from {url}/v1/rewards: {response.text[:200]}") from exc
 
     def _count_error(self, kind: str, message: str) -> None:
         with self._lock:
             self.stats.http_errors[kind] = self.stats.http_errors.get(kind, 0) + 1
             self.stats.last_error = message
 
-    def _failed_attempt(self, kind: str, message: str) -> None:
+    def _failed_attempt(self, url: str, kind: str, message: str) -> None:
         self._count_error(kind, message)
-        if self._breaker.failure():
+        if self._breakers[url].failure():
             with self._lock:
                 self.stats.circuit_opens += 1
             log.warning(
-                "circuit opened after %d consecutive failures (last: %s); next probe in %.0f s",
+                "circuit of %s opened after %d consecutive failures (last: %s); next probe in %.0f s",
+                url,
                 self.config.circuit_failure_threshold,
                 message,
                 self.config.circuit_reset_s,
@@ -510,7 +566,7 @@ class RewardClient:
                 ("retries", tally.retries),
                 ("latency_s", elapsed),
                 ("format_violations_frac", violated / n),
-                ("circuit_open", self._breaker.state != "closed"),
+                ("circuit_open", self.circuit_state != "closed"),
             ):
                 log_metric(f"reward_client/{name}", float(value))
         log_extra = columns.get("log_extra")

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def split_urls(value: str | Sequence[str], name: str = "url") -> list[str]:
+    """Base URLs from one URL, a comma-separated string or a list; each checked, trailing slash dropped."""
+    if isinstance(value, str):
+        parts: list = [p for p in value.split(",") if p.strip()]  # "a,b," from a shell loop is fine
+    else:
+        parts = list(value) if isinstance(value, Sequence) else [value]
+    urls: list[str] = []
+    for part in parts:
+        url = part.strip().rstrip("/") if isinstance(part, str) else part
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{name}={part!r} must be an http(s) base URL such as http://127.0.0.1:8000")
+        if url not in urls:
+            urls.append(url)
+    if not urls:
+        raise ValueError(f"{name}={value!r} names no server; give a base URL such as http://127.0.0.1:8000")
+    return urls
 
 
 @dataclass
@@ -12,7 +31,10 @@ class RewardClientConfig:
     """Settings of `RewardClient`. Every field can also be given to `RewardClient(**overrides)`.
 
     Parameters:
-        url: rm_server base URL (no path).
+        url: rm_server base URL (no path), or several for failover: a comma-separated string or a
+            list (stored as the comma-separated string; `urls` lists them). Each request starts at
+            the URL its context hashes to (so one context keeps hitting one server) and moves to the
+            next on a transport error, 408/429 or 5xx; every URL keeps its own circuit breaker.
         api_key: Bearer key when the server has `RM_API_KEYS` set; None reads env `RM_API_KEY`.
         strategy: `reference` judges each rollout against the dataset's reference reply, both
             orders (HER); `group` judges every pair of rollouts sharing a prompt and gives each its
@@ -36,7 +58,7 @@ class RewardClientConfig:
         circuit_reset_s: how long an open circuit sends nothing before one trial request.
     """
 
-    url: str = "http://127.0.0.1:8000"
+    url: str | list[str] = "http://127.0.0.1:8000"
     api_key: str | None = None
     strategy: Literal["reference", "group"] = "reference"
     aggregate: Literal["winrate", "bradley_terry"] = "winrate"
@@ -53,9 +75,7 @@ class RewardClientConfig:
     circuit_reset_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url={self.url!r} must be an http(s) base URL such as http://127.0.0.1:8000")
-        self.url = self.url.rstrip("/")
+        self.url = ",".join(split_urls(self.url))
         for name, allowed in (
             ("strategy", ("reference", "group")),
             ("aggregate", ("winrate", "bradley_terry")),
@@ -85,13 +105,19 @@ class RewardClientConfig:
                 f"(got {self.chunk_size})"
             )
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The server base URLs, in the order given."""
+        return tuple(str(self.url).split(","))
+
 
 @dataclass
 class RewardStats:
     """Running counters of a client (process-local; a pickled copy starts from the current values).
 
     `http_errors` counts failed attempts by HTTP status ("503") or transport failure ("connect",
-    "timeout", "transport"). `last_*` describe the rewards of the most recent call (NaN when it had none).
+    "timeout", "transport"); `failovers` counts requests passed on to the next URL after such a failure.
+    `last_*` describe the rewards of the most recent call (NaN when it had none).
     """
 
     calls: int = 0
@@ -99,6 +125,7 @@ class RewardStats:
     rewarded: int = 0
     failed: int = 0
     retries: int = 0
+    failovers: int = 0
     circuit_opens: int = 0
     circuit_rejections: int = 0
     format_violations: int = 0
@@ -110,4 +137,4 @@ class RewardStats:
     last_max: float = math.nan
 
 
-__all__ = ["RewardClientConfig", "RewardStats"]
+__all__ = ["RewardClientConfig", "RewardStats", "split_urls"]

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-steps", type=int, default=None, metavar="N", help="override max_steps")
         sp.add_argument("--log-level", default="info", help="Python log level (default: info)")
     grpo.add_argument("--reward-url", default=None, metavar="URL",
-                      help="rm_server base URL; overrides reward.url of the config")
+                      help="rm_server base URL, or several comma-separated (failover); overrides reward.url")
 
 
 def run(args: argparse.Namespace) -> int:

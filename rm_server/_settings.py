@@ -132,7 +132,8 @@ class _CommaSafeEnv(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         names = set(self.settings_cls.model_fields)
         self._fold_aliases()
-        unknown = sorted(k for k in self._env if k not in names and k != "config")
+        # RM_CONFIG names the YAML file; RM_RAY_* belong to the Ray Serve launcher (rm_server._ray).
+        unknown = sorted(k for k in self._env if k not in names and k != "config" and not k.startswith("ray_"))
         if unknown:
             raise ValueError(f"unknown RM_ setting(s): {', '.join('RM_' + k.upper() for k in unknown)}")
         return {k: v for k, v in self._env.items() if k in names}

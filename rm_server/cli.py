@@ -1,4 +1,8 @@
-"""`her serve`: run the GenRM service with uvicorn. Options are generated from `ServerSettings`."""
+"""`her serve`: run the GenRM service with uvicorn. Options are generated from `ServerSettings`.
+
+`her serve --replicas N` (also --max-replicas, --ray-address, or any RM_RAY_* setting) runs the same app
+on Ray Serve instead: N replicas, one judge engine each, behind Serve's HTTP proxy on the same host and
+port (see `rm_server._ray`)."""
 
 from __future__ import annotations
 
@@ -15,10 +19,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default is not None else "unset"
         parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                            help=f"{field.description or ''} (env RM_{name.upper()}; default: {default})")
+                            help=f"{field.description or ''} (env RM_{name.upper()}; default: {default})"
+                            .replace("%", "%%"))
+    ray = parser.add_argument_group("scale-out on Ray Serve (needs `pip install 'ray[serve]'`)")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="run N replicas of the app on Ray Serve (one judge engine each) instead of one "
+                          "uvicorn process; with --max-replicas the autoscaling minimum (env RM_RAY_REPLICAS)")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                     help="autoscale between --replicas and M replicas on queue depth (env RM_RAY_MAX_REPLICAS)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="Ray cluster to join, e.g. auto; unset: start a local one (env RM_RAY_ADDRESS)")
+
+
+def _wants_ray(args: argparse.Namespace) -> bool:
+    import os
+
+    return any(getattr(args, name, None) is not None for name in ("replicas", "max_replicas", "ray_address")) \
+        or any(k.upper().startswith("RM_RAY_") for k in os.environ)
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    try:
+        from ._ray import RaySettings, serve_forever, without_ray_env
+    except ImportError as exc:
+        print(f"her serve --replicas needs Ray Serve: pip install 'ray[serve]' ({exc})", file=sys.stderr)
+        return 2
+    ray_settings = RaySettings.load(replicas=args.replicas, max_replicas=args.max_replicas,
+                                    address=args.ray_address)
+    overrides = {name: getattr(args, name) for name in ServerSettings.model_fields}
+    with without_ray_env():
+        settings = ServerSettings.load(args.config, **overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    return serve_forever(settings, ray_settings)
 
 
 def run(args: argparse.Namespace) -> int:
+    if _wants_ray(args):
+        return run_on_ray(args)
     import uvicorn
 
     from ._app import build_app
