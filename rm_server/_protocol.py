@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from her_engines import ChatMessage
 from her_genrm import GroupAggregate, Mode, RewardKind, TemplateName, Verdict
 
+# Engines take 64-bit seeds; a larger one fails inside the engine instead of at the door.
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+def _check_unicode(value: Any, where: str = "body") -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them here (422)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: text is not valid Unicode (a lone surrogate escape)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
 
 
 class JudgeBody(_Body):
@@ -25,7 +49,7 @@ class JudgeBody(_Body):
     mode: Mode = "cot"
     template: TemplateName = "compact"
     swap: bool = Field(True, description="judge both presentation orders (position debiasing)")
-    seed: int | None = None
+    seed: Seed | None = None
     use_cache: bool = True
 
 

@@ -21,10 +21,10 @@ from ._protocol import (
 )
 from ._serving import JudgeService
 
-_ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 429, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorEnvelope} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 health = APIRouter(tags=["health"])
-api = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS)
+api = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 
 
 def service(request: Request) -> JudgeService:
@@ -94,7 +94,8 @@ async def get_reward(body: OpenRLHFRewardBody, request: Request) -> OpenRLHFRewa
 metrics_router = APIRouter(tags=["metrics"])
 
 
-@metrics_router.get("/metrics")
+@metrics_router.get("/metrics", response_class=Response,
+                    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition"}})
 async def metrics(request: Request) -> Response:
     svc = service(request)
     svc.telemetry.set_queue_depth(svc.batcher.depth)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import get_args
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from her_genrm import (
     MAX_INSTANCE_CHARS,
@@ -25,16 +25,15 @@ from her_roleplay import DialogueLine, Scene
 
 from ._auth import require_key
 from ._errors import InputTooLarge, InvalidRequest
-from ._protocol import ErrorEnvelope
+from ._protocol import Seed, _Body
+from ._routes import ERROR_RESPONSES
 
 MAX_TRANSCRIPT_LINES = 200
 MAX_JUDGE_TOKENS = 4096
 
 
-class TranscriptScoreBody(BaseModel):
+class TranscriptScoreBody(_Body):
     """A scene (a CoSER test-set record, as published) and a re-enactment of it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     scene: Scene = Field(description="the CoSER record: scenario, profiles, plot, original dialogues, ...")
     transcript: list[DialogueLine] = Field(
@@ -43,7 +42,7 @@ class TranscriptScoreBody(BaseModel):
         "or CoSER brackets (thoughts are removed before judging)",
     )
     dimensions: list[TranscriptDimension] | None = Field(None, description="default: all four")
-    seed: int | None = Field(None, description="default: the scene's own seed")
+    seed: Seed | None = Field(None, description="default: the scene's own seed")
     max_tokens: int = Field(1024, ge=16, le=MAX_JUDGE_TOKENS, description="token limit of one flaw list")
     max_flaws: int = Field(10, ge=1, le=10, description="flaws listed per dimension at most")
     max_instance_chars: int = Field(MAX_INSTANCE_CHARS, ge=10, le=MAX_INSTANCE_CHARS)
@@ -51,8 +50,7 @@ class TranscriptScoreBody(BaseModel):
                                       "(comparable with published scores); her: ours (severities 1-5)")
 
 
-_ERRORS = {code: {"model": ErrorEnvelope} for code in (401, 413, 422, 429, 503, 504)}
-transcripts_router = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS, tags=["transcripts"])
+transcripts_router = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["transcripts"])
 
 
 @transcripts_router.post("/v1/score/transcript", response_model=TranscriptScore)
