@@ -87,7 +87,9 @@ class Admission:
                               retry_after_s=wait)
 
     def _check_share(self, client: str, pairs: int, queue_depth: int) -> None:
-        if not self.fair_share or queue_depth + pairs <= self.max_queue // 2:
+        # Pairs admitted a moment ago may not be queued yet: count what is held, not only the queue.
+        load = max(queue_depth, sum(self._held.values()))
+        if not self.fair_share or load + pairs <= self.max_queue // 2:
             return
         clients = len(self._held) + (client not in self._held)
         if clients < 2:  # alone, a client competes with nobody: the queue bound applies as usual

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from her_engines import Engine, EngineKind, build_engine, model_fingerprint
@@ -120,19 +121,47 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         status, kind = status_of(exc)
-        if status == 500:
-            log.error("unhandled error on %s", request.url.path, exc_info=exc)
-            return error_response(500, kind, "internal error; see the server log")
         headers = None
         if isinstance(exc, QueueFull):
             headers = {"Retry-After": exc.retry_after_header}
         return error_response(status, kind, str(exc) or kind, headers=headers)
 
-    # Specific classes go to Starlette's ExceptionMiddleware (answered quietly); the catch-all
-    # Exception handler only covers real bugs (500, logged with a traceback).
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (unparseable body 400, 404, 405) in our one error shape.
+        kind = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    # Specific classes go to Starlette's ExceptionMiddleware (answered quietly); real bugs reach
+    # InternalErrorMiddleware (500, logged with a traceback).
     for cls in mapped_exception_classes():
         app.add_exception_handler(cls, _mapped)
-    app.add_exception_handler(Exception, _mapped)
+
+
+class InternalErrorMiddleware:
+    """500 for a bug, logged with its traceback, and the connection kept: Starlette's own catch-all re-raises
+    to the server after answering, which closes a keep-alive connection and loses the client's next request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if started:
+                raise  # half a response went out: only closing the connection tells the client
+            await error_response(500, "internal_error", "internal error; see the server log")(scope, receive, send)
 
 
 def _instrument(app: FastAPI, telemetry: JudgeTelemetry) -> None:
@@ -269,6 +298,7 @@ def build_app(
 
     app.state.info = info
     _install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # innermost, so the timing middleware sees the 500
     _instrument(app, telemetry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(health)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# The reliability suite's option (--reliability-long) and its report writer (docs/reliability.md).
+pytest_plugins = ["_reliability"]
+
 # A copy of the real CoSER sample from shared/fixtures, unchanged, so the suite is self-contained.
 FIXTURES = Path(__file__).resolve().parent / "data"
 SCENE_FILE = FIXTURES / "coser_test_sample_pride_and_prejudice.json"

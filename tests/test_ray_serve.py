@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _fault_servers import fault_server
+from _reliability import record_case
 from _servers import free_port, serve_app
 from fastapi import FastAPI, Request
 
@@ -342,6 +343,14 @@ async def test_killed_replica_loses_no_reward_and_comes_back(ray_serve_judge, un
           f"({before_kill} before the kill), lost {len(lost)}, duplicated {len(duplicated)}, failed {len(failed)}, "
           f"retries {client.stats.retries}, http errors {client.stats.http_errors}; replica back "
           f"{recover_s:.0f} s after the kill; traffic ran {time.monotonic() - run_started:.0f} s")
+    record_case(
+        "7. Ray Serve replica killed mid-run", load={"concurrency": CONCURRENCY, "requests": len(sent),
+                                                     "duration_s": round(time.monotonic() - run_started)},
+        faults=f"ray.kill of one of 2 replicas after {KILL_AFTER_S:g} s",
+        inputs="RewardClient (reference strategy, fast mode, one item a request) through Serve's proxy",
+        sent=len(sent), answered=len(received),
+        figures={"replicas ready s": round(startup_s), "replica back after kill s": round(recover_s),
+                 "duplicated": len(duplicated), "null rewards": len(failed), "client retries": client.stats.retries})
     assert "killed" in events, err.decode()[-3000:]
     assert "recovered" in events, f"Serve did not bring the killed replica back: {err.decode()[-3000:]}"
     assert not lost and not duplicated and not failed, (lost, duplicated, failed)
