@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-from tests._openai_server import ServerProcess, free_port
+from _openai_server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "policy_trainer" / "configs"
