@@ -33,6 +33,8 @@ def test_stack_has_every_part_and_each_reference_resolves():
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown service {dependency}"
     assert services["trainer"]["profiles"] == ["trainer"]  # opt-in: `up` alone does not train
+    # vLLM's shared memory: Docker's 64 MiB default killed the engine at start in the image smoke run
+    assert services["rm_server"]["shm_size"] == "1g" and GPU["services"]["rm_server"]["ipc"] == "host"
 
 
 def test_prometheus_scrapes_rm_server_and_loads_the_rules():
