@@ -9,6 +9,7 @@ Build one from configuration with ``build_engine(EngineSettings(...))``.
 """
 
 from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind, vllm_missing
+from ._precision import native_bf16, native_bf16_reason
 from ._models import ResolvedModel, cache_root, ensure_hf_folder, model_fingerprint, resolve_model
 from ._settings import EngineSettings, build_engine
 from ._types import (
@@ -46,6 +47,8 @@ __all__ = [
     "ensure_hf_folder",
     "resolve_engine_kind",
     "model_fingerprint",
+    "native_bf16",
+    "native_bf16_reason",
     "resolve_model",
     "vllm_missing",
 ]

@@ -41,6 +41,7 @@ from typing import Any
 
 from ._factory import DEFAULT_MODEL
 from ._openai import attach_choice_logprobs
+from ._precision import native_bf16
 from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
 
 log = logging.getLogger("her_engines")
@@ -50,13 +51,16 @@ GIB = 1 << 30
 # A shared prefix worth waiting for: a few KV blocks (16 tokens each on CPU); raw text counts characters.
 MIN_SHARED_PREFIX = 64
 
-# Right for the bundled 135M model on a 2-core AVX2 machine (FACTS.md); GPUs keep vLLM's defaults.
-CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
+# Right for the bundled 135M model on a 2-core CPU (FACTS.md); GPUs keep vLLM's defaults. The CPU's
+# dtype is chosen by capability: bf16 only where its matmuls are native (see her_engines._precision).
+CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
 
 
 def vllm_platform_defaults(device_type: str) -> dict[str, Any]:
     """Engine options vLLM should get on `device_type` ("cpu", "cuda", ...) when the user set none."""
-    return dict(CPU_DEFAULTS) if device_type == "cpu" else {}
+    if device_type != "cpu":
+        return {}
+    return {"dtype": "bfloat16" if native_bf16() else "float32", **CPU_DEFAULTS}
 
 
 class VLLMEngine:

@@ -43,6 +43,7 @@ from ._setup import (
     ensure_single_process_env,
     init_fields,
     load_run_yaml,
+    with_precision,
     resolve_path,
 )
 
@@ -201,7 +202,7 @@ class GRPORunConfig:
         """The ``trl.GRPOConfig``. With DeepSpeed, call after the distributed env is set (GRPORun does)."""
         from trl import GRPOConfig
 
-        kwargs = dict(self.grpo)
+        kwargs = with_precision("grpo", self.grpo)
         if self.deepspeed is not None:
             kwargs["deepspeed"] = str(self.deepspeed_path())
         try:

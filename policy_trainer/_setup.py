@@ -78,12 +78,27 @@ def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = No
     return raw, path.resolve().parent
 
 
+def with_precision(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer section with `bf16` decided by the hardware when the YAML leaves it unset (TRL would
+    turn it on everywhere, and without native bf16 a CPU emulates it at a fraction of fp32's speed).
+    An explicit `bf16: true/false`, or `fp16: true`, wins."""
+    from her_engines import native_bf16, native_bf16_reason
+
+    kwargs = dict(values)
+    if kwargs.get("bf16") is None and not kwargs.get("fp16"):
+        kwargs["bf16"] = native_bf16()
+        log.info("%s.bf16 unset: bf16 autocast %s (%s)", section, "on" if kwargs["bf16"] else "off, fp32",
+                 native_bf16_reason()[1])
+    return kwargs
+
+
 def sft_config(sft: Mapping[str, Any], deepspeed: str | None, base_dir: Path | None) -> Any:
     """``trl.SFTConfig`` for a completion-only run: the loss on the completion alone, no truncation by
-    default (a cut from the end would remove exactly the trained text), DeepSpeed resolved from the YAML."""
+    default (a cut from the end would remove exactly the trained text), DeepSpeed resolved from the YAML,
+    bf16 by the hardware unless set."""
     from trl import SFTConfig
 
-    kwargs = {"max_length": None, **sft, "completion_only_loss": True}
+    kwargs = {"max_length": None, **with_precision("sft", sft), "completion_only_loss": True}
     if deepspeed is not None:
         kwargs["deepspeed"] = str(resolve_path(deepspeed, base_dir))
     try:

@@ -6,7 +6,8 @@ takes the next action from `script`; an empty script answers normally. Actions:
     ("ok",)                    every item rewarded `reward` (a float, or a function of the completion)
     ("status", 503)            that HTTP status with our error envelope
     ("status", 429, "1")       ... plus a Retry-After header
-    ("sleep", 3.0)             answer normally, but only after sleeping (client-side timeouts)
+    ("sleep", 3.0)             answer normally, but only after sleeping (client-side timeouts); a sleep
+                               still going when the server shuts down ends then, so a long one costs nothing
     ("item_error", {1})        items at those positions get status "error" and reward None
 
 Independently of the script, a request holding a completion that contains `refuse_marker`
@@ -39,6 +40,7 @@ class FaultServer:
         self.forever: tuple | None = None  # when set, every request gets this action (after the script)
         self.arrivals: list[tuple[float, dict[str, Any]]] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # set at shutdown: ends ("sleep", s) actions still running
         self.url = ""
 
     @property
@@ -90,7 +92,9 @@ class FaultServer:
                 headers = {"Retry-After": action[2]} if len(action) > 2 else None
                 return _error(action[1], "injected", f"injected HTTP {action[1]}", headers)
             if kind == "sleep":
-                await asyncio.sleep(action[1])
+                deadline = time.monotonic() + action[1]
+                while not self._closing.is_set() and (left := deadline - time.monotonic()) > 0:
+                    await asyncio.sleep(min(left, 0.05))
                 return self._ok(body)
             if kind == "item_error":
                 return self._ok(body, set(action[1]))
@@ -111,4 +115,7 @@ def fault_server(**kwargs: Any) -> Iterator[FaultServer]:
     server = FaultServer(**kwargs)
     with serve_app(server.app()) as url:
         server.url = url
-        yield server
+        try:
+            yield server
+        finally:
+            server._closing.set()  # before uvicorn's shutdown, which waits for running handlers

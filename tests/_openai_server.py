@@ -31,11 +31,12 @@ class ServerProcess:
     """One server process; use as a context manager or call `start` / `stop`.
 
     `ready_path` is polled with GET until it answers 200 (or `startup_timeout` passes, or the
-    process exits, which raises `RuntimeError` with the log's tail).
+    process exits, which raises `RuntimeError` with the log's tail). `startup_timeout` only catches a
+    hang: a model load on a slow CPU with the other core busy takes minutes.
     """
 
     def __init__(
-        self, argv: list[str], port: int, *, ready_path: str, startup_timeout: float = 180.0,
+        self, argv: list[str], port: int, *, ready_path: str, startup_timeout: float = 600.0,
         env: dict[str, str] | None = None,
     ) -> None:
         self.argv = argv
@@ -80,9 +81,10 @@ class ServerProcess:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
 
-    def terminate_gracefully(self, timeout: float = 90.0) -> dict[int, str]:
+    def terminate_gracefully(self, timeout: float = 300.0) -> dict[int, str]:
         """SIGTERM to the server process alone (as an orchestrator sends it), wait for it to exit, and
-        return the processes of its group that outlived it (pid -> command line), killing them."""
+        return the processes of its group that outlived it (pid -> command line), killing them.
+        `timeout` (for the server) and `CHILD_EXIT_S` (for its children) only catch a hang."""
         proc, self._proc = self._proc, None
         if proc is None:
             return {}
@@ -93,8 +95,7 @@ class ServerProcess:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
             return {proc.pid: "the server itself did not exit on SIGTERM"}
-        time.sleep(1.0)  # let children that were told to exit finish exiting
-        left = group_members(proc.pid)
+        left = wait_for_group_exit(proc.pid)  # children told to exit may take a moment to finish exiting
         if left:
             _signal_group(proc.pid, signal.SIGKILL)
         return left
@@ -143,6 +144,17 @@ def group_members(pgid: int) -> dict[int, str]:
     return {p.pid: p.cmdline for p in live_processes() if p.pgrp == pgid}
 
 
+CHILD_EXIT_S = 60.0  # how long processes that were told to exit may take before they count as left behind
+
+
+def wait_for_group_exit(pgid: int, timeout: float = CHILD_EXIT_S) -> dict[int, str]:
+    """Wait until process group `pgid` has no live process; return what is still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
@@ -170,4 +182,4 @@ def vllm_openai_server(model_folder: Path, *, kv_cache_gib: float = 1.0, max_mod
         "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30))),
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
-    return ServerProcess(argv, port, ready_path="/v1/models", startup_timeout=300)
+    return ServerProcess(argv, port, ready_path="/v1/models", startup_timeout=600)

@@ -1,10 +1,20 @@
-"""Bookkeeping of the reliability suite (tests/test_reliability.py): load runs, memory sampling, and the
-rows that end up in docs/reliability.md.
+"""Bookkeeping of the reliability suite (tests/test_reliability.py): load runs, waits for events, memory
+sampling, and the rows of the reliability report.
 
 Any test may add a row with `record_case(...)` (tests/test_ray_serve.py adds "replica killed mid-run").
 The table is written at the end of a session that ran the reliability suite (its session fixture calls
 `write_report`), or of any session that recorded a row when this module is loaded as a plugin
 (`pytest_plugins = ["_reliability"]` in conftest.py, which also adds the `--reliability-long` flag).
+
+Where: `results/reliability/reliability.md` and `reliability_soak.png` under the repo root (git-ignored), so
+a test run leaves the work tree clean. The committed copy in docs/ is refreshed only on purpose, by naming
+another directory in HER_RELIABILITY_REPORT_DIR (relative to the repo root):
+`HER_RELIABILITY_REPORT_DIR=docs pytest tests/test_reliability.py` rewrites docs/reliability.md. A partial
+run merges its rows into the earlier ones of the file it writes.
+
+No assertion may depend on how fast the machine is (CPUs differ by 1.5x and more, and the suite must pass
+while another process keeps a core busy): cases wait for events (`wait_until`, `run_load(min_answered=...)`)
+under deadlines that only a hang reaches, never for a fixed time followed by a check of how far things got.
 
 "Lost" is always: requests sent minus answers received with a definite HTTP status. A connection that
 broke, a read that timed out on the client side, anything that leaves the caller not knowing what
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import json
 import math
 import os
@@ -30,11 +41,34 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "reliability.md"
-SOAK_PLOT = ROOT / "docs" / "reliability_soak.png"
+REPORT_DIR_ENV = "HER_RELIABILITY_REPORT_DIR"
+DEFAULT_REPORT_DIR = ROOT / "results" / "reliability"
+REPORT_NAME = "reliability.md"
+SOAK_PLOT_NAME = "reliability_soak.png"
 LONG_ENV = "HER_RELIABILITY_LONG"
 LONG_FLAG = "--reliability-long"
 _ROWS_MARK = "reliability-rows"
+
+# ----------------------------------------------------------------------------------------- where
+
+
+def report_dir() -> Path:
+    """results/reliability/ under the repo root, or HER_RELIABILITY_REPORT_DIR (a relative one is taken from the
+    repo root, so `HER_RELIABILITY_REPORT_DIR=docs` means the committed docs/ wherever pytest runs from)."""
+    value = os.environ.get(REPORT_DIR_ENV, "").strip()
+    if not value:
+        return DEFAULT_REPORT_DIR
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def report_path() -> Path:
+    return report_dir() / REPORT_NAME
+
+
+def soak_plot_path() -> Path:
+    return report_dir() / SOAK_PLOT_NAME
+
 
 # ----------------------------------------------------------------------------------------- sizes
 
@@ -101,7 +135,7 @@ def record_case(
     figures: dict[str, Any] | None = None,
     statuses: dict[Any, int] | None = None,
 ) -> Row:
-    """Add (or replace) the row `name` of docs/reliability.md.
+    """Add (or replace) the row `name` of the reliability report (`report_path()`).
 
     load: what was held, e.g. {"concurrency": 4, "requests": 200, "duration_s": 60}.
     faults: what was injected ("none", "redis-server SIGKILL at 3 s, restarted at 8 s", ...).
@@ -156,7 +190,8 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 @dataclass
 class Load:
-    """What a load run sent and got back."""
+    """What a load run sent and got back. While a run goes on, `received` counts the answers so far; `answered`
+    (sent minus lost) also counts the requests still in flight, so it is the final figure only once all came back."""
 
     sent: int = 0
     statuses: Counter = field(default_factory=Counter)
@@ -166,12 +201,18 @@ class Load:
     samples: dict[int, list[str]] = field(default_factory=dict)  # a few bodies of each non-200 status
     missing_retry_after: int = 0  # 429s without a usable Retry-After
     retry_after: list[int] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # time.monotonic() of each answer, in arrival order
     started: float = field(default_factory=time.monotonic)
     elapsed_s: float = 0.0
 
     @property
     def answered(self) -> int:
         return self.sent - len(self.lost)
+
+    @property
+    def received(self) -> int:
+        """Answers received so far with a definite HTTP status (requests in flight not counted)."""
+        return sum(self.statuses.values())
 
     def server_errors(self) -> dict[int, int]:
         return {s: n for s, n in self.statuses.items() if s >= 500}
@@ -180,6 +221,7 @@ class Load:
         status = response.status_code
         self.statuses[status] += 1
         self.latencies.setdefault(status, []).append(seconds)
+        self.answered_at.append(time.monotonic())
         if status == 200:
             return
         kind = ""
@@ -212,6 +254,7 @@ class Load:
             self.samples.setdefault(status, []).extend(bodies[: max(0, 3 - len(self.samples.get(status, [])))])
         self.missing_retry_after += other.missing_retry_after
         self.retry_after.extend(other.retry_after)
+        self.answered_at = sorted(self.answered_at + other.answered_at)
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         return self
 
@@ -246,26 +289,44 @@ async def run_load(
     *,
     concurrency: int,
     duration_s: float | None = None,
+    min_answered: int | None = None,
     requests: int | None = None,
+    give_up_s: float | None = None,
     path: str = "/v1/judge",
     headers: dict[str, str] | None = None,
     timeout_s: float = 120.0,
     pause_after_refusal_s: float = 0.05,
     stop: threading.Event | None = None,
+    load: Load | None = None,
 ) -> Load:
-    """`concurrency` closed-loop clients posting `body(i)` to `path` until `duration_s` passed, `requests`
-    were sent, or `stop` is set. A client that got a 429 waits `pause_after_refusal_s` before its next
-    request (no busy loop on a 2-core machine; it does not honour Retry-After: that is the point)."""
-    if duration_s is None and requests is None and stop is None:
-        raise ValueError("give duration_s, requests or stop")
-    load = Load()
-    deadline = None if duration_s is None else time.monotonic() + duration_s
+    """`concurrency` closed-loop clients posting `body(i)` to `path`. They send no new request once `stop` is
+    set, once `requests` were sent, or once both `duration_s` passed and `min_answered` answers came back
+    (either alone when the other is not given), so that a slow machine runs longer instead of doing less;
+    and in any case after `give_up_s` (default with `min_answered`: `duration_s` + 600 s), a bound that
+    only a hung server reaches: the caller asserts on what it needs (e.g. `load.answered >= min_answered`).
+    Requests in flight then finish (each within `timeout_s`, else it counts as lost).
+
+    A client that got a 429 waits `pause_after_refusal_s` before its next request (no busy loop on a 2-core
+    machine; it does not honour Retry-After: that is the point). `load`: a fresh `Load` to fill in place, for a
+    caller that watches the run while it goes on (`load.received`); it is also returned."""
+    if duration_s is None and min_answered is None and requests is None and stop is None:
+        raise ValueError("give duration_s, min_answered, requests or stop")
+    load = load if load is not None else Load()
+    load.started = time.monotonic()
+    deadline = None if duration_s is None else load.started + duration_s
+    if give_up_s is None and min_answered is not None:
+        give_up_s = (duration_s or 0.0) + 600.0
+    give_up = None if give_up_s is None else load.started + give_up_s
+    timed = duration_s is not None or min_answered is not None
     counter = iter(range(10**9))
 
     def more() -> int | None:
+        now = time.monotonic()
         if stop is not None and stop.is_set():
             return None
-        if deadline is not None and time.monotonic() >= deadline:
+        if give_up is not None and now >= give_up:
+            return None
+        if timed and (deadline is None or now >= deadline) and load.received >= (min_answered or 0):
             return None
         i = next(counter)
         if requests is not None and i >= requests:
@@ -284,6 +345,22 @@ async def run_load(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     load.elapsed_s = time.monotonic() - load.started
     return load
+
+
+async def wait_until(check: Callable[[], Any], *, timeout_s: float, every_s: float = 0.2) -> bool:
+    """Poll `check()` every `every_s` seconds until it returns something true (-> True), or `timeout_s` passed
+    (-> False; a bound for hangs only: the caller records what it saw and asserts). `check` may be a coroutine
+    function; one that blocks (HTTP, Redis) should wrap its work in `asyncio.to_thread`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every_s)
 
 
 async def burst(base: str, bodies: list[dict[str, Any]], *, path: str = "/v1/judge",
@@ -361,10 +438,10 @@ class RssSampler:
         self.samples: list[RssSample] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._t0 = 0.0
+        self.t0 = 0.0  # time.monotonic() when sampling began: a sample's t is seconds since then
 
     def __enter__(self) -> RssSampler:
-        self._t0 = time.monotonic()
+        self.t0 = time.monotonic()
         self._thread.start()
         return self
 
@@ -378,7 +455,7 @@ class RssSampler:
         if main is None:
             return
         kids = sum(rss_bytes(c) or 0 for c in descendants(self.pid))
-        self.samples.append(RssSample(time.monotonic() - self._t0, main, kids))
+        self.samples.append(RssSample(time.monotonic() - self.t0, main, kids))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -386,8 +463,10 @@ class RssSampler:
             self._stop.wait(self.interval_s)
 
 
-def plot_soak(samples: list[RssSample], warmup_s: float, bound_mib: float, path: Path = SOAK_PLOT) -> None:
-    """The soak's RSS curves as a small PNG: the API process (with its bound) above, the engine core below."""
+def plot_soak(samples: list[RssSample], warmup_s: float, bound_mib: float, path: Path | None = None) -> Path:
+    """The soak's RSS curves as a small PNG (default: `soak_plot_path()`, next to the report): the API process
+    (with its bound) above, the engine core below."""
+    path = path or soak_plot_path()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,6 +492,7 @@ def plot_soak(samples: list[RssSample], warmup_s: float, bound_mib: float, path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -458,14 +538,16 @@ def _previous(path: Path) -> tuple[dict[str, Row], dict[str, Any] | None]:
         return {}, None
 
 
-def write_report(outcomes: dict[str, str] | None = None, *, path: Path = DOC, replace_module: str | None = None,
-                 long: bool = False, soak: dict[str, Any] | None = None) -> Path:
-    """Write docs/reliability.md from this session's rows.
+def write_report(outcomes: dict[str, str] | None = None, *, path: Path | None = None,
+                 replace_module: str | None = None, long: bool = False, soak: dict[str, Any] | None = None) -> Path:
+    """Write the report (default: `report_path()`, i.e. results/reliability/reliability.md, or the one in
+    HER_RELIABILITY_REPORT_DIR) from this session's rows.
 
-    Rows of earlier runs are kept (marked with their date) for cases this session did not measure, except
-    those of `replace_module` (a complete run of that module replaces all its rows)."""
+    Rows of an earlier run stored in that same file are kept (marked with their date) for cases this session
+    did not measure, except those of `replace_module` (a complete run of that module replaces all its rows)."""
     global _WRITTEN
     _WRITTEN = True
+    path = path or report_path()
     outcomes = outcomes or {}
     for row in ROWS.values():
         row.result = outcomes.get(row.test, row.result or "recorded")
@@ -486,8 +568,10 @@ def write_report(outcomes: dict[str, str] | None = None, *, path: Path = DOC, re
     lines = [
         "# Reliability",
         "",
-        "Measured by `tests/test_reliability.py` on every run of the test suite (plus rows other tests add with",
-        "`record_case`, e.g. `tests/test_ray_serve.py`); this file is regenerated then: do not edit it by hand.",
+        "Measured by `tests/test_reliability.py` (plus rows other tests add with `record_case`, e.g.",
+        "`tests/test_ray_serve.py`). Every run of the test suite writes this report to `results/reliability/`",
+        "(git-ignored); the copy in `docs/` is refreshed on purpose with `HER_RELIABILITY_REPORT_DIR=docs`.",
+        "Generated: do not edit it by hand.",
         f"Run: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{'long sizes (--reliability-long / HER_RELIABILITY_LONG=1)' if long else 'default (CI) sizes'}, "
         f"{os.cpu_count()} CPU cores, loopback only, the real bundled model on vLLM.",
@@ -512,7 +596,7 @@ def write_report(outcomes: dict[str, str] | None = None, *, path: Path = DOC, re
             "",
             "## Soak memory curve",
             "",
-            f"![RSS of the server under steady load]({SOAK_PLOT.name})",
+            f"![RSS of the server under steady load]({SOAK_PLOT_NAME})",
             "",
             soak_note + soak["text"],
             "",
@@ -527,6 +611,9 @@ def write_report(outcomes: dict[str, str] | None = None, *, path: Path = DOC, re
         "```sh",
         "flock /tmp/her-cpu.lock .venv/bin/python -m pytest -q tests/test_reliability.py   # CI sizes, a few minutes",
         "HER_RELIABILITY_LONG=1 flock /tmp/her-cpu.lock .venv/bin/python -m pytest -q tests/test_reliability.py",
+        "# both write results/reliability/; to refresh the committed docs/reliability.md instead:",
+        "HER_RELIABILITY_REPORT_DIR=docs flock /tmp/her-cpu.lock .venv/bin/python -m pytest -q "
+        "tests/test_reliability.py",
         "```",
         "",
         f"<!-- {_ROWS_MARK}",

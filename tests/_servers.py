@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_app(app, *, ready_path: str = "/healthz", timeout: float = 60.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread (real sockets, real HTTP); yields its base URL."""
+def serve_app(app, *, ready_path: str = "/healthz", timeout: float = 300.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread (real sockets, real HTTP); yields its base URL. `timeout` only
+    catches an app that never comes up (its startup may build a judge on a slow, busy machine)."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -69,10 +70,10 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # readiness wait: a process start on a busy machine, not a bound
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
                     return self
             except OSError:
                 time.sleep(0.05)

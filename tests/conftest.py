@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# The reliability suite's option (--reliability-long) and its report writer (docs/reliability.md).
+# The reliability suite's option (--reliability-long) and its report writer (results/reliability/).
 pytest_plugins = ["_reliability"]
 
 # A copy of the real CoSER sample from shared/fixtures, unchanged, so the suite is self-contained.
@@ -70,7 +70,7 @@ def rm_server():
     env.update(RM_KV_CACHE_GIB=str(TEST_KV_CACHE_GIB), RM_MAX_WAIT_MS="5")
     her = str(Path(sys.executable).with_name("her"))
     server = ServerProcess([her, "serve", "--port", str(port)], port, ready_path="/readyz",
-                           startup_timeout=300, env=env)
+                           startup_timeout=600, env=env)
     server.start()
     yield server
     left = server.terminate_gracefully()
@@ -138,7 +138,7 @@ def vllm_processes() -> dict[int, str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import time
 
-    deadline = time.monotonic() + 20  # engine processes exit a moment after their shutdown returns
+    deadline = time.monotonic() + 60  # engine processes exit a moment after their shutdown returns (hang bound)
     while True:
         left = vllm_processes()
         if not left or time.monotonic() > deadline:

@@ -16,7 +16,7 @@ import pytest
 
 from rm_server._batcher import BatcherStopped, BatchTimeout, MicroBatcher, QueueFull
 
-GUARD = 5.0  # hang guard, far above any wait configured below
+GUARD = 30.0  # hang guard, far above any wait configured below (a paused or busy box still makes it)
 LONG_WAIT_MS = 60_000.0  # a flush deadline no test may reach
 
 

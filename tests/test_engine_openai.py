@@ -60,7 +60,8 @@ def vllm_server() -> ServerProcess:
 
 @pytest.fixture(scope="module")
 async def served(vllm_server: ServerProcess) -> AsyncIterator[OpenAIEngine]:
-    eng = create_engine("openai", model="smollm2-135m-instruct", base_url=vllm_server.base_url + "/v1")
+    # timeout: a hang guard per model call (the default 120 s is a deployment's choice, not a test's)
+    eng = create_engine("openai", model="smollm2-135m-instruct", base_url=vllm_server.base_url + "/v1", timeout=600)
     yield eng
     await eng.aclose()
 

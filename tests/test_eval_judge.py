@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -260,12 +259,10 @@ def test_eval_judge_command_on_the_transformers_engine(scene, tmp_path):
     src, out = tmp_path / "pairs.jsonl", tmp_path / "out"
     src.write_text("".join(p.model_dump_json() + "\n" for p in labelled_pairs_from_scene(scene, 6)))
     her = Path(sys.executable).with_name("her")
-    started = time.monotonic()
     done = subprocess.run([str(her), "eval", "judge", "--pairs", str(src), "--judge", "base=smollm2-135m-instruct",
                            "--engine", "transformers", "--threads", "1", "--limit", "4", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--no-progress"], capture_output=True, text=True, timeout=600)  # hang guard only
     assert done.returncode == 0, done.stderr[-3000:]
-    assert time.monotonic() - started < 300
     metrics = _check_outputs(out, ["base"], 4)
     assert metrics["judges"][0]["engine"] == "transformers"
     assert len((out / "verdicts_base.jsonl").read_text().splitlines()) == 4

@@ -17,6 +17,9 @@ from _openai_server import ServerProcess, free_port, group_members
 HER = str(Path(sys.executable).with_name("her"))
 MISSING_MODEL = "/nonexistent/her-judge"
 PAIR = {"context": "User: Hello!", "a": "Hi there.", "b": ":", "mode": "fast"}
+# Hang guards only: a `her serve` start, a model load and a judgment may each take minutes on a slow, busy box.
+START_S = 600.0
+CALL_S = 600.0
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -32,7 +35,7 @@ def _metric(base: str, name: str) -> float:
     raise AssertionError(f"{name} not on /metrics")
 
 
-def _wait_for_state(base: str, state: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> dict:
+def _wait_for_state(base: str, state: str, proc: subprocess.Popen | None = None, timeout: float = START_S) -> dict:
     deadline = time.monotonic() + timeout
     body: dict = {}
     while time.monotonic() < deadline:
@@ -68,13 +71,13 @@ def test_failed_model_load_is_reported_not_healthy(tmp_path):
         assert proc.poll() is None  # not configured to exit: it stays up to say what went wrong
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=120)
 
 
 def test_failed_model_load_exits_non_zero_when_configured(tmp_path):
     port = free_port()
     proc = subprocess.run([HER, "serve", "--port", str(port), "--engine", "transformers", "--model", MISSING_MODEL],
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=START_S,
                           env=_env(RM_EXIT_ON_ENGINE_FAILURE="true"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "exiting with status 1" in proc.stderr and MISSING_MODEL in proc.stderr
@@ -85,23 +88,23 @@ def test_engine_death_at_run_time_turns_readiness_off():
     """Kill vLLM's engine core under a serving `her serve`: readiness and liveness turn 503 with the
     reason, judging answers 503, and the server still shuts down cleanly."""
     port = free_port()
-    server = ServerProcess([HER, "serve", "--port", str(port)], port, ready_path="/readyz", startup_timeout=300,
+    server = ServerProcess([HER, "serve", "--port", str(port)], port, ready_path="/readyz", startup_timeout=START_S,
                            env=_env(RM_KV_CACHE_GIB="1"))
     server.start()
     base = server.base_url
     try:
-        assert httpx.post(base + "/v1/judge", json=PAIR, timeout=120).json()["status"] == "ok"
+        assert httpx.post(base + "/v1/judge", json=PAIR, timeout=CALL_S).json()["status"] == "ok"
         assert _metric(base, "rm_ready") == 1.0
         cores = [pid for pid, cmd in group_members(server._proc.pid).items()
                  if pid != server._proc.pid and "EngineCor" in _comm(pid)]
         assert cores, f"no vLLM engine core process in {group_members(server._proc.pid)}"
         for pid in cores:
             os.kill(pid, signal.SIGKILL)
-        ready = _wait_for_state(base, "failed", timeout=60)
+        ready = _wait_for_state(base, "failed", timeout=300)
         assert "died" in ready["error"]
         assert httpx.get(base + "/readyz").status_code == 503
         assert httpx.get(base + "/healthz").status_code == 503
-        judged = httpx.post(base + "/v1/judge", json={**PAIR, "a": "Hi again."}, timeout=60)
+        judged = httpx.post(base + "/v1/judge", json={**PAIR, "a": "Hi again."}, timeout=CALL_S)
         assert judged.status_code == 503, judged.text
         assert _metric(base, "rm_ready") == 0.0
     finally:

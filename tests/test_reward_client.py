@@ -26,7 +26,8 @@ from policy_trainer import _adapters
 from policy_trainer._resilience import CircuitBreaker
 from policy_trainer._reward_client import RewardClient, RewardClientConfig
 
-QUICK = {"max_backoff_s": 0.05, "retry_budget_s": 10.0, "judge_mode": "fast"}
+# Short backoffs; the budget only has to outlast a few quick retries, on a slow, busy machine too.
+QUICK = {"max_backoff_s": 0.05, "retry_budget_s": 60.0, "judge_mode": "fast"}
 PROMPT = [{"role": "system", "content": "You are Mr. Darcy."}, {"role": "user", "content": "Elizabeth: Sir?"}]
 GOOD = "<role_action>bows</role_action>Good evening."
 PLANNED = "<system_thinking>He means to stay polite.</system_thinking>Good evening, madam."
@@ -125,8 +126,9 @@ async def test_format_penalty_is_judged_on_the_raw_rollout():
 
 async def test_slow_server_times_out_then_the_retry_succeeds():
     with fault_server() as fs:
-        fs.script.append(("sleep", 3.0))
-        client = _client(fs.url, request_timeout_s=0.5)
+        fs.script.append(("sleep", 600.0))  # far past the timeout; it ends when the fault server stops
+        # the timeout under test, with room for the retry's normal answer to come back within it on a busy box
+        client = _client(fs.url, request_timeout_s=3.0)
         assert await client(["p"], [GOOD], reference=["r"]) == [0.75]
         assert fs.hits == 2 and client.stats.retries == 1
         assert client.stats.http_errors == {"timeout": 1}
@@ -160,7 +162,8 @@ async def test_503_twice_then_ok_counts_the_retries():
 
 
 async def test_dead_server_gives_none_never_zero():
-    client = _client(f"http://127.0.0.1:{free_port()}", retry_budget_s=1.0, max_backoff_s=0.2)
+    # the budget runs out (the point), after several refused attempts even if the machine stalls for a while
+    client = _client(f"http://127.0.0.1:{free_port()}", retry_budget_s=3.0, max_backoff_s=0.2)
     rewards = await client(["p", "q", "r"], [GOOD] * 3, reference=["x"] * 3)
     assert rewards == [None, None, None]
     assert client.stats.failed == 3 and client.stats.rewarded == 0 and client.stats.retries >= 1
@@ -173,8 +176,9 @@ async def test_dead_server_gives_none_never_zero():
 async def test_circuit_opens_after_n_failures_fails_fast_then_half_opens():
     with fault_server() as fs:
         fs.forever = ("status", 503)
-        # no retries inside a call: each call makes at most one attempt, so counts are exact
-        client = _client(fs.url, retry_budget_s=0, circuit_failure_threshold=2, circuit_reset_s=1.0)
+        # no retries inside a call: each call makes at most one attempt, so counts are exact. The reset time is
+        # the window in which the calls right after an opening must find the circuit open: seconds, not less.
+        client = _client(fs.url, retry_budget_s=0, circuit_failure_threshold=2, circuit_reset_s=3.0)
         args = (["p"], [GOOD])
         assert await client(*args, reference=["r"]) == [None]
         assert client.circuit_state == "closed"  # one failure is below the threshold
@@ -195,7 +199,7 @@ async def test_circuit_opens_after_n_failures_fails_fast_then_half_opens():
 async def test_open_circuit_is_waited_out_when_the_budget_allows():
     with fault_server() as fs:
         fs.script.append(("status", 502))
-        client = _client(fs.url, retry_budget_s=10.0, circuit_failure_threshold=1, circuit_reset_s=1.0)
+        client = _client(fs.url, retry_budget_s=60.0, circuit_failure_threshold=1, circuit_reset_s=1.0)
         assert await client(["p"], [GOOD], reference=["r"]) == [0.75]
         assert fs.hits == 2 and client.stats.circuit_opens == 1 and client.stats.circuit_rejections >= 1
         assert fs.arrivals[1][0] - fs.arrivals[0][0] >= 0.95  # held back until the half-open probe
@@ -340,7 +344,7 @@ def test_verl_compute_score_contract(monkeypatch):
         verl.compute_score("coser", GOOD, "ref", {"prompt": "p"})
     with fault_server() as fs:
         monkeypatch.setenv("HER_RM_URL", fs.url)
-        kw = {"judge_mode": "fast", "max_backoff_s": 0.05, "retry_budget_s": 5.0}
+        kw = {"judge_mode": "fast", "max_backoff_s": 0.05, "retry_budget_s": 60.0}
         assert verl.compute_score("coser", PLANNED, "ref", {"prompt": PROMPT}, **kw) == 0.75
         body = fs.bodies()[-1]
         assert body["references"] == ["ref"] and body["completions"] == ["Good evening, madam."]
@@ -401,15 +405,16 @@ async def test_real_server_rewards(rm_server, scene, strategy):
 async def test_real_server_restart_mid_call_drops_no_rollout(rm_server, scene):
     prompts, completions, references = _dialogue(scene, 1)
     rm_server.stop()  # the server goes away before the step's rewards are asked for
+    # Hang guards only: the budget and the wait cover a `her serve` restart with its model load on a slow box.
     client = RewardClient(url=rm_server.base_url, judge_mode="fast", request_timeout_s=600,
-                          retry_budget_s=400, max_backoff_s=2.0, circuit_reset_s=3.0)
+                          retry_budget_s=700, max_backoff_s=2.0, circuit_reset_s=3.0)
     call = asyncio.ensure_future(client(prompts, completions, reference=references))
     deadline = time.monotonic() + 60
     while client.stats.http_errors.get("connect", 0) == 0:  # it is retrying against the dead port
         assert time.monotonic() < deadline and not call.done()
         await asyncio.sleep(0.05)
     await asyncio.to_thread(rm_server.start)  # same port; the model loads again (503 meanwhile)
-    rewards = await asyncio.wait_for(call, timeout=400)
+    rewards = await asyncio.wait_for(call, timeout=750)
     assert all(r is not None and 0.0 <= r <= 1.0 for r in rewards), rewards
     assert client.stats.failed == 0 and client.stats.retries >= 1
     await client.aclose()

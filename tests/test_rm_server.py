@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 
 import httpx
@@ -291,30 +292,46 @@ class SlowEngine:
         pass
 
 
-async def _burst(base: str, n: int) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=30) as client:
-        return await asyncio.gather(
-            *(
-                client.post(
-                    base + "/v1/judge", json={"context": "x", "a": f"a{i}", "b": "b", "use_cache": False}
-                )
-                for i in range(n)
-            )
-        )
+HANG_S = 60.0  # hang guard of the held engines below; events end their holds long before it
+
+
+async def _burst(base: str, n: int, *, release: threading.Event | None = None, after: int = 0) -> list[httpx.Response]:
+    """`n` concurrent judgments. With `release`: set it once `after` of them were answered (or HANG_S passed)."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        sent = [
+            asyncio.ensure_future(client.post(
+                base + "/v1/judge", json={"context": "x", "a": f"a{i}", "b": "b", "use_cache": False}
+            ))
+            for i in range(n)
+        ]
+        if release is not None:
+            deadline = time.monotonic() + HANG_S
+            while sum(t.done() for t in sent) < after and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            release.set()
+        return await asyncio.gather(*sent)
 
 
 class OverlapEngine(SlowEngine):
-    """Fault injector that records how many generate() calls run at the same time."""
+    """Fault injector that records how many generate() calls run at the same time. Each call is held until
+    `released` is set (by the test, or by the call that makes `together` calls run at once), or for `hold_s`."""
 
-    def __init__(self, delay: float, continuous: bool) -> None:
-        super().__init__(delay)
+    def __init__(self, continuous: bool, *, hold_s: float = HANG_S, together: int | None = None) -> None:
+        super().__init__(0.0)
         self.continuous_batching = continuous
+        self.hold_s, self.together = hold_s, together
+        self.released = threading.Event()  # set from the test's thread or the server's
         self.running = self.most_running = 0
 
     async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
+        if self.together is not None and self.running >= self.together:
+            self.released.set()
         try:
+            deadline = time.monotonic() + self.hold_s
+            while not self.released.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             return await super().generate(requests)
         finally:
             self.running -= 1
@@ -322,7 +339,9 @@ class OverlapEngine(SlowEngine):
 
 @pytest.mark.parametrize("continuous", [True, False])
 def test_pairs_reach_a_continuously_batching_engine_on_arrival(continuous):
-    engine = OverlapEngine(0.5, continuous)
+    # continuous: each call waits until all 4 are inside (so their overlap does not depend on how fast they
+    # arrive); micro: each is held 0.5 s, time enough for a second call to enter if the batcher let it in.
+    engine = OverlapEngine(continuous, together=4, hold_s=HANG_S / 4 if continuous else 0.5)
     app = build_app(_settings(max_batch_size=1, max_wait_ms=0), engine=engine)
     with serve_app(app) as base:
         assert httpx.get(base + "/v1/info").json()["batching"] == ("continuous" if continuous else "micro")
@@ -333,18 +352,21 @@ def test_pairs_reach_a_continuously_batching_engine_on_arrival(continuous):
 
 
 def test_continuous_batching_keeps_the_bounded_queue():
-    engine = OverlapEngine(0.5, continuous=True)
+    # One pair in the engine (held there) and one queued fill the server; the other four are refused, and only
+    # then is the engine let go, however slowly the burst arrives.
+    engine = OverlapEngine(continuous=True)
     app = build_app(_settings(max_inflight=1, max_queue=1), engine=engine)
     with serve_app(app) as base:
-        responses = asyncio.run(_burst(base, 6))
+        responses = asyncio.run(_burst(base, 6, release=engine.released, after=4))
     codes = sorted(r.status_code for r in responses)
     assert 200 in codes and 429 in codes and engine.most_running == 1
 
 
 def test_full_queue_answers_429_with_retry_after():
-    app = build_app(_settings(max_queue=1, max_batch_size=1, max_wait_ms=0), engine=SlowEngine(0.5))
+    engine = OverlapEngine(continuous=False)  # held as above, on the micro-batching path
+    app = build_app(_settings(max_queue=1, max_batch_size=1, max_wait_ms=0), engine=engine)
     with serve_app(app) as base:
-        responses = asyncio.run(_burst(base, 6))
+        responses = asyncio.run(_burst(base, 6, release=engine.released, after=4))
     codes = sorted(r.status_code for r in responses)
     assert 200 in codes and 429 in codes
     refused = next(r for r in responses if r.status_code == 429)
@@ -396,7 +418,7 @@ def test_redis_dies_mid_run_and_the_cache_recovers(engine):
             assert m["rm_cache_requests_total{result=error}"] >= 1  # the fault is counted, not a plain miss
             redis = RedisProcess(port).start()
             shared = Redis.from_url(redis.url)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # hang guard: the circuit (1 s) closes and Redis is used again
             k = 3
             while not shared.dbsize():  # new verdicts reach Redis again, with no restart of ours
                 judge(k)
@@ -416,7 +438,7 @@ def test_hack_canary_runs_end_to_end_and_counts_outcomes(engine, pairs):
         for pair in pairs[:2]:
             verdict = httpx.post(base + "/v1/judge", json=_body(pair, mode="fast", use_cache=False), timeout=300)
             assert verdict.json()["status"] == "ok"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # hang guard: the probes are real judgments in the background
         counted = 0.0
         while time.monotonic() < deadline:
             m = _metrics(base)

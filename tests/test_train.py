@@ -349,9 +349,27 @@ def test_two_grpo_steps_with_rewards_over_http(rm_server, scene, tmp_path):
     assert moved(before, trainer.model)
 
 
+def batches_judged(base_url: str) -> float:
+    """How many batches the server's batcher has handed to the engine (rm_batch_size_count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "rm_batch_size_count")
+
+
+def _wait_until(condition, what: str, timeout: float = 600.0) -> None:
+    """Poll `condition` until it holds; the deadline only catches a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {timeout:g} s")
+        time.sleep(0.05)
+
+
 class _RestartDuringCall:
-    """Reward wrapper: on its first call, SIGKILLs the server ~1 s in (while the judge works on the
-    request), then restarts it on the same port 2 s later, in a background thread."""
+    """Reward wrapper: on its first call, SIGKILLs the server once the judge works on the call's pairs, then
+    restarts it on the same port once the client has seen the outage, in a background thread."""
 
     def __init__(self, inner, server: ServerProcess) -> None:
         self.inner, self.server = inner, server
@@ -360,13 +378,19 @@ class _RestartDuringCall:
         self.killed_during_call = False
         self.error: BaseException | None = None
 
-    def _kill_and_restart(self, call_done: threading.Event) -> None:
+    def _outages(self) -> int:
+        return sum(self.inner.client.stats.http_errors.values())  # inner: the RewardOutageGuard of the client
+
+    def _kill_and_restart(self, call_done: threading.Event, batches_before: float, outages_before: int) -> None:
         try:
-            time.sleep(1.0)
+            # the judge works on this call's pairs: a batch of them reached the engine after the call began
+            _wait_until(lambda: call_done.is_set() or batches_judged(self.server.base_url) > batches_before,
+                        "a pair of the reward call inside the judge")
             self.killed_during_call = not call_done.is_set()
             os.killpg(self.server._proc.pid, signal.SIGKILL)
             self.server.stop()  # reaps the killed process
-            time.sleep(2.0)
+            # the client noticed (its request failed; it retries against the dead port) before the server is back
+            _wait_until(lambda: call_done.is_set() or self._outages() > outages_before, "the client seeing the outage")
             self.server.start()
         except BaseException as exc:  # surfaced by the test
             self.error = exc
@@ -374,7 +398,8 @@ class _RestartDuringCall:
     async def __call__(self, prompts, completions, **columns):
         done = threading.Event()
         if self.thread is None:
-            self.thread = threading.Thread(target=self._kill_and_restart, args=(done,), daemon=True)
+            started = (done, batches_judged(self.server.base_url), self._outages())
+            self.thread = threading.Thread(target=self._kill_and_restart, args=started, daemon=True)
             self.thread.start()
         try:
             return await self.inner(prompts, completions, **columns)
@@ -390,10 +415,11 @@ def test_step_completes_when_the_server_restarts_mid_step(rm_server, scene, tmp_
     # Other seeds than the test above: its verdicts are in the server's cache, and a cache hit would
     # answer before the kill.
     cfg.grpo["seed"] = cfg.model.seed = 1
+    cfg.reward.retry_budget_s = 600  # hang guard only: the call outlasts a restart with its model load on a slow box
     chaos: list[_RestartDuringCall] = []
     run = GRPORun(cfg, wrap_reward=lambda f: chaos.append(_RestartDuringCall(f, rm_server)) or chaos[0])
     result = run.train()
-    chaos[0].thread.join(timeout=300)
+    chaos[0].thread.join(timeout=600)  # it ended with the restart the call waited for; this only catches a hang
     assert chaos[0].error is None, chaos[0].error
     assert chaos[0].killed_during_call
     assert result.stopped is None and result.global_step == 1

@@ -71,6 +71,7 @@ def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
 
 
 @pytest.mark.model
+@pytest.mark.timeout(1800)  # training (its own 900 s guard), then a server start and two judgments: one hang guard
 def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     """The README's `her train genrm` with the shipped CPU config, then `her serve --model DIR`."""
     import subprocess
@@ -108,7 +109,7 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     env.update(RM_KV_CACHE_GIB="1", RM_MAX_WAIT_MS="5")
     her = str(Path(sys.executable).with_name("her"))
     server = ServerProcess([her, "serve", "--port", str(port), "--model", str(out)], port, ready_path="/readyz",
-                           startup_timeout=300, env=env)
+                           startup_timeout=600, env=env)  # hang guard: a model load on a slow, busy box
     server.start()
     try:
         info = httpx.get(f"{server.base_url}/v1/info", timeout=10).json()
