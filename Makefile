@@ -51,8 +51,14 @@ prometheus:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
 	   >/dev/null) || echo "prometheus unavailable: the tests that run it will be skipped"; }
 
+# Two pytest-xdist workers: one holds the suite's `her serve`, the other the in-process engine (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in one process. The wall time printed counts from make's start (install too).
+TEST_WORKERS ?= 2
+MAKE_STARTED := $(shell date +%s)
 test: install redis prometheus
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	@rc=0; $(PY) -m pytest -q -ra $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) \
+	  $(PYTEST_ARGS) || rc=$$?; s=$$(( $$(date +%s) - $(MAKE_STARTED) )); \
+	  echo "make test: $$((s / 60)) min $$((s % 60)) s wall time (install included), pytest exit $$rc"; exit $$rc
 
 serve: install
 	$(VENV)/bin/her serve --host $(HOST) --port $(PORT)

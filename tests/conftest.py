@@ -112,6 +112,34 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
+# --------------------------------------------------------------------------- two workers (pytest-xdist)
+
+# `make test` runs two xdist workers (`--dist loadgroup`); each loads the session fixtures it uses. Tests on
+# the suite's `her serve` share one worker, tests on the in-process engine the other, so each model is
+# loaded once per session; the rest (their own subprocesses, no model) go wherever a worker is free. The
+# reliability suite (and the Ray row it reports) stays with `her serve`: one worker writes its report.
+SERVE_GROUP, ENGINE_GROUP = "her-serve", "engine"
+_SERVE_MODULES = ("test_reliability.py",)
+_SERVE_TESTS = ("test_killed_replica_loses_no_reward_and_comes_back",)
+
+
+def worker_group(item: pytest.Item) -> str | None:
+    names = set(getattr(item, "fixturenames", ()))
+    if "rm_server" in names or item.path.name in _SERVE_MODULES or getattr(item, "originalname", "") in _SERVE_TESTS:
+        return SERVE_GROUP
+    if names & {"engine", "genrm"}:
+        return ENGINE_GROUP
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = worker_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # --------------------------------------------------------------------------- no orphaned vLLM process
 
 _VLLM_MARKERS = ("VLLM::", "vllm.entrypoints")
@@ -137,6 +165,9 @@ def vllm_processes() -> dict[int, str]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import time
+
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the other worker's engines are alive; the controller checks after both ended
 
     deadline = time.monotonic() + 60  # engine processes exit a moment after their shutdown returns (hang bound)
     while True:
