@@ -9,8 +9,8 @@ Build one from configuration with ``build_engine(EngineSettings(...))``.
 """
 
 from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind, vllm_missing
-from ._precision import native_bf16, native_bf16_reason
 from ._models import ResolvedModel, cache_root, ensure_hf_folder, model_fingerprint, resolve_model
+from ._precision import native_bf16, native_bf16_reason
 from ._settings import EngineSettings, build_engine
 from ._types import (
     ChatMessage,

@@ -43,8 +43,8 @@ from ._setup import (
     ensure_single_process_env,
     init_fields,
     load_run_yaml,
-    with_precision,
     resolve_path,
+    with_precision,
 )
 
 log = logging.getLogger(__name__)
