@@ -371,9 +371,10 @@ async def vllm_phases(args: argparse.Namespace, bodies: list[dict], bandwidth: f
     try:
         await http_phases(args, engine, bodies, clock, report)
         await decode_phase(args, engine, bandwidth, clock, report)
-        clock.say(f"engines: vllm judges {args.engine_pairs} cot pairs in one GenRM.judge call")
+        clock.say(f"engines: vllm judges {args.engine_pairs} {args.engine_mode} pairs in one GenRM.judge call")
         await reset_prefix_cache(engine)
-        wall, verdicts = await timed_judge(engine, [as_request(b, "cot") for b in bodies[: args.engine_pairs]])
+        wall, verdicts = await timed_judge(engine, [as_request(b, args.engine_mode)
+                                                    for b in bodies[: args.engine_pairs]])
         report.figures["judge_errors"] += sum(v.status != "ok" for v in verdicts)
         return wall
     finally:
@@ -385,7 +386,8 @@ async def transformers_phase(args: argparse.Namespace, bodies: list[dict], clock
     clock.say(f"engines: transformers (threads={args.hf_threads}) judges the same {args.engine_pairs} pairs")
     engine = create_engine("transformers", threads=args.hf_threads)
     try:
-        wall, verdicts = await timed_judge(engine, [as_request(b, "cot") for b in bodies[: args.engine_pairs]])
+        wall, verdicts = await timed_judge(engine, [as_request(b, args.engine_mode)
+                                                    for b in bodies[: args.engine_pairs]])
         return wall, sum(v.status != "ok" for v in verdicts)
     finally:
         await engine.aclose()
@@ -425,7 +427,7 @@ def write_outputs(args: argparse.Namespace, env: dict, report: Report, clock: Cl
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {k: getattr(args, k) for k in ("clients", "pairs", "seq_pairs", "swap_pairs", "fast", "engine_pairs",
-                                           "decode_tokens", "hf_threads")}
+                                           "engine_mode", "decode_tokens", "hf_threads")}
     doc = {"model": MODEL, "environment": env, "sizes": sizes, "figures": report.figures,
            "latencies_s": report.latencies, "run_s": time.perf_counter() - clock.start}
     (out / "vllm.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -442,7 +444,10 @@ async def main() -> None:
     parser.add_argument("--seq-pairs", type=int, default=4, help="cot pairs judged one at a time")
     parser.add_argument("--swap-pairs", type=int, default=3, help="pairs of the swap-cost runs (each mode)")
     parser.add_argument("--fast", type=int, default=8, help="fast pairs judged one at a time")
-    parser.add_argument("--engine-pairs", type=int, default=2, help="cot pairs of the vllm vs transformers run")
+    parser.add_argument("--engine-pairs", type=int, default=2, help="pairs of the vllm vs transformers run")
+    # fast: a forward per order, for a smoke run (transformers decodes a cot verdict at a few tokens/s).
+    parser.add_argument("--engine-mode", choices=("cot", "fast"), default="cot",
+                        help="judge mode of the vllm vs transformers run")
     parser.add_argument("--decode-tokens", type=int, default=128)
     # vLLM's CPU worker runs one OpenMP thread per core it keeps, and on x86 it keeps one core for its
     # scheduler: on 2 cores that is 1 thread, so transformers gets 1 too.
@@ -465,7 +470,8 @@ async def main() -> None:
     vllm_s = await vllm_phases(args, bodies, bandwidth, clock, report)
     hf_s, hf_errors = await transformers_phase(args, bodies, clock)
     report.figures["judge_errors"] += hf_errors
-    report.add("engine_vllm_s", f"vllm: {args.engine_pairs} cot pairs in one GenRM.judge", vllm_s, f"{vllm_s:.1f} s")
+    report.add("engine_vllm_s", f"vllm: {args.engine_pairs} {args.engine_mode} pairs in one GenRM.judge", vllm_s,
+               f"{vllm_s:.1f} s")
     report.add("engine_transformers_s", "transformers: the same pairs", hf_s, f"{hf_s:.1f} s")
     report.add("engine_speedup", "vllm speed-up over transformers (wall-time ratio)", hf_s / vllm_s,
                f"{hf_s / vllm_s:.2f}×")

@@ -36,7 +36,7 @@ class EngineSettings(BaseModel):
     engine_api_key: SecretStr | None = None
     """API key for the OpenAI-compatible server."""
     dtype: str | None = None
-    """vLLM weight dtype; unset: on CPU bfloat16 where native (AVX512_BF16/AMX) else float32, on GPU the model's."""
+    """vLLM weight dtype; unset: float32 on CPU (bfloat16 only by choice, where native), the model's own on GPU."""
     max_model_len: int | None = None
     """vLLM context length; unset: 4096 on CPU, the model's own on GPU."""
     enforce_eager: bool | None = None

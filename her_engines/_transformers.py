@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -221,7 +220,8 @@ class TransformersEngine:
     HF folder, ~30 s the first time a GGUF is converted).
 
     `model` is a name or path understood by :func:`resolve_model`. `max_batch_size` caps how many
-    requests share one forward. `threads` sets torch's CPU threads (default: all cores).
+    requests share one forward. `threads` sets torch's CPU threads (default: torch's, i.e. all cores or
+    OMP_NUM_THREADS).
     `prefix_cache` reuses the KV cache of prompt prefixes shared within a batch and across recent
     calls (`prefix_store` then counts what it saved; None when off).
     Raises `EngineUnavailable` if the model cannot be found or loaded, `EngineBadRequest` for
@@ -257,7 +257,8 @@ class TransformersEngine:
         self.resolved: ResolvedModel = resolve_model(model)
         self.model_id: str = self.resolved.model_id
         self.max_batch_size = max_batch_size
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.model_path: Path = ensure_hf_folder(self.resolved)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)

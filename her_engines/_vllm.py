@@ -41,7 +41,7 @@ from typing import Any
 
 from ._factory import DEFAULT_MODEL
 from ._openai import attach_choice_logprobs
-from ._precision import native_bf16
+from ._precision import native_bf16_reason
 from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
 
 log = logging.getLogger("her_engines")
@@ -51,16 +51,15 @@ GIB = 1 << 30
 # A shared prefix worth waiting for: a few KV blocks (16 tokens each on CPU); raw text counts characters.
 MIN_SHARED_PREFIX = 64
 
-# Right for the bundled 135M model on a 2-core CPU (FACTS.md); GPUs keep vLLM's defaults. The CPU's
-# dtype is chosen by capability: bf16 only where its matmuls are native (see her_engines._precision).
-CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
+# Right for the bundled 135M model on a 2-core CPU (FACTS.md); GPUs keep vLLM's defaults. fp32 on every
+# CPU: bf16 is emulated (slow) without AVX512_BF16/AMX, and where it is native (1.2x faster decode here)
+# its rounding makes near-tie fast verdicts depend on what else shares the batch (RM_DTYPE=bfloat16 opts in).
+CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "kv_cache_gib": 2.0, "max_model_len": 4096}
 
 
 def vllm_platform_defaults(device_type: str) -> dict[str, Any]:
     """Engine options vLLM should get on `device_type` ("cpu", "cuda", ...) when the user set none."""
-    if device_type != "cpu":
-        return {}
-    return {"dtype": "bfloat16" if native_bf16() else "float32", **CPU_DEFAULTS}
+    return dict(CPU_DEFAULTS) if device_type == "cpu" else {}
 
 
 class VLLMEngine:
@@ -110,6 +109,10 @@ class VLLMEngine:
                   "kv_cache_gib": kv_cache_gib}
         options = vllm_platform_defaults(current_platform.device_type)
         options.update({k: v for k, v in chosen.items() if v is not None})
+        if current_platform.device_type == "cpu" and str(options.get("dtype")) in ("bfloat16", "bf16"):
+            native, why = native_bf16_reason()
+            if not native:
+                log.warning("vLLM dtype=bfloat16 on this CPU: %s, so fp32 would be faster", why)
         kv_gib = options.pop("kv_cache_gib", None)
         if kv_gib is not None:
             options["kv_cache_memory_bytes"] = int(kv_gib * GIB)

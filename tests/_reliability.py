@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_DIR_ENV = "HER_RELIABILITY_REPORT_DIR"
@@ -48,6 +49,8 @@ SOAK_PLOT_NAME = "reliability_soak.png"
 LONG_ENV = "HER_RELIABILITY_LONG"
 LONG_FLAG = "--reliability-long"
 _ROWS_MARK = "reliability-rows"
+_ROWS_KEY = "reliability_rows"  # a worker's rows in pytest-xdist's workeroutput
+SUITE_MODULE = "tests/test_reliability.py"
 
 # ----------------------------------------------------------------------------------------- where
 
@@ -92,10 +95,46 @@ def pytest_addoption(parser: Any) -> None:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    """As a plugin: write the rows of a session that recorded some but did not run the suite's fixture
-    (e.g. only tests/test_ray_serve.py ran)."""
-    if ROWS and not _WRITTEN:
-        write_report(outcomes_of(session.config))
+    """As a plugin: write the report of a session that ran the suite or recorded a row (any test may).
+
+    Under pytest-xdist a worker hands its rows to the controller (`pytest_testnodedown`), which writes
+    the one report once every worker is done: the rows of all workers, and the outcomes of all tests."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        config.workeroutput[_ROWS_KEY] = json.dumps({"rows": [asdict(r) for r in ROWS.values()],
+                                                     "soak": _SOAK.get("curve")})
+        return
+    outcomes = {_plain(k): v for k, v in outcomes_of(config).items()}
+    ran_suite = any(nodeid.startswith(SUITE_MODULE) for nodeid in outcomes)
+    if not (ROWS or ran_suite) or _WRITTEN:
+        return
+    measured = {row.test for row in ROWS.values()}
+    for nodeid, outcome in outcomes.items():  # a case that failed before it could measure still gets its row
+        if nodeid.startswith(SUITE_MODULE) and nodeid not in measured and outcome != "passed":
+            ROWS[nodeid] = Row(name=nodeid.split("::", 1)[1], load={}, faults="—", inputs="—", sent=0, answered=0,
+                               test=nodeid, result=outcome, figures={"note": "no measurement (failed before it)"})
+    # A run of the whole suite module replaces all of its rows; a partial one (-k, -m, a node id) keeps the
+    # other cases' earlier rows of that file.
+    whole = ran_suite and not config.getoption("keyword") and not config.getoption("markexpr") and not any(
+        SUITE_MODULE in str(a) and "::" in str(a) for a in config.args)
+    write_report(outcomes, replace_module=SUITE_MODULE if whole else None, long=long_mode(config))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: on the controller, as each worker ends
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    data = json.loads(getattr(node, "workeroutput", {}).get(_ROWS_KEY, "null") or "null")
+    if not data:
+        return
+    for raw in data["rows"]:
+        ROWS[raw["name"]] = Row(**raw)
+    if data["soak"] is not None:
+        _SOAK["curve"] = data["soak"]
+
+
+def _plain(nodeid: str) -> str:
+    """A node id without the `@group` suffix pytest-xdist's loadgroup adds."""
+    head, at, group = nodeid.rpartition("@")
+    return head if at and "]" not in group and "::" not in group else nodeid
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -150,7 +189,7 @@ def record_case(
         name=name, load=dict(load), faults=faults, inputs=inputs, sent=int(sent), answered=int(answered),
         figures=dict(figures or {}), statuses={str(k): int(v) for k, v in sorted((statuses or {}).items(),
                                                                                 key=lambda kv: str(kv[0]))},
-        test=current.rsplit(" (", 1)[0], measured=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        test=_plain(current.rsplit(" (", 1)[0]), measured=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     ROWS[name] = row
     return row

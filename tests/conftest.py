@@ -15,6 +15,13 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test`: two workers on two cores) every process computes on one thread, and vLLM
+# does not pin its engines: its default binds each engine's compute thread to core 0, so the engines of
+# both workers (and two Ray replicas) would share one core while the other idles. Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
 # The reliability suite's option (--reliability-long) and its report writer (results/reliability/).
 pytest_plugins = ["_reliability"]
 
@@ -116,17 +123,20 @@ def unique() -> str:
 
 # `make test` runs two xdist workers (`--dist loadgroup`); each loads the session fixtures it uses. Tests on
 # the suite's `her serve` share one worker, tests on the in-process engine the other, so each model is
-# loaded once per session; the rest (their own subprocesses, no model) go wherever a worker is free. The
-# reliability suite (and the Ray row it reports) stays with `her serve`: one worker writes its report.
-SERVE_GROUP, ENGINE_GROUP = "her-serve", "engine"
-_SERVE_MODULES = ("test_reliability.py",)
-_SERVE_TESTS = ("test_killed_replica_loses_no_reward_and_comes_back",)
+# loaded once per session. Tests that start engines of their own (`own_engine`: a vLLM server, Ray
+# replicas, a `her` command with a model) run one at a time, so that at most one such set of engines sits
+# beside the two session ones (24 GiB). The rest go wherever a worker is free. The reliability report
+# gathers the rows of both workers (tests/_reliability.py).
+SERVE_GROUP, ENGINE_GROUP, OWN_ENGINE_GROUP = "her-serve", "engine", "own-engine"
+OWN_ENGINE_FIXTURES = {"vllm_server", "ray_serve_judge"}
 
 
 def worker_group(item: pytest.Item) -> str | None:
     names = set(getattr(item, "fixturenames", ()))
-    if "rm_server" in names or item.path.name in _SERVE_MODULES or getattr(item, "originalname", "") in _SERVE_TESTS:
+    if "rm_server" in names:
         return SERVE_GROUP
+    if item.get_closest_marker("own_engine") or names & OWN_ENGINE_FIXTURES:
+        return OWN_ENGINE_GROUP
     if names & {"engine", "genrm"}:
         return ENGINE_GROUP
     return None

@@ -84,6 +84,7 @@ def test_failed_model_load_exits_non_zero_when_configured(tmp_path):
 
 
 @pytest.mark.model
+@pytest.mark.own_engine
 def test_engine_death_at_run_time_turns_readiness_off():
     """Kill vLLM's engine core under a serving `her serve`: readiness and liveness turn 503 with the
     reason, judging answers 503, and the server still shuts down cleanly."""

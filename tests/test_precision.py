@@ -47,14 +47,17 @@ def test_this_machine_answers_from_its_own_flags():
     assert native_bf16() is native_bf16_reason(cpu_flags(), cuda=False)[0]
 
 
-def test_vllm_cpu_dtype_follows_the_capability(monkeypatch):
+def test_vllm_on_cpu_stays_fp32_and_warns_about_emulated_bf16(monkeypatch, caplog):
+    """Serving keeps fp32 on every CPU (batch-invariant near-tie verdicts); asking for bf16 where it would be
+    emulated is allowed but logged."""
     import her_engines._vllm as vllm_module
 
-    for native, dtype in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(vllm_module, "native_bf16", lambda native=native: native)
-        cpu = vllm_platform_defaults("cpu")
-        assert cpu == {"dtype": dtype, **CPU_DEFAULTS}
+    assert vllm_platform_defaults("cpu") == CPU_DEFAULTS and CPU_DEFAULTS["dtype"] == "float32"
     assert vllm_platform_defaults("cuda") == {}  # vLLM's own defaults on GPUs
+    monkeypatch.setattr(vllm_module, "native_bf16_reason", lambda: (False, "CPU has no avx512_bf16"))
+    with caplog.at_level(logging.WARNING, logger="her_engines"), pytest.raises(vllm_module.EngineUnavailable):
+        vllm_module.VLLMEngine("/nonexistent/model-folder", dtype="bfloat16")
+    assert "fp32 would be faster" in caplog.text
 
 
 def test_trainer_bf16_is_decided_by_the_hardware_unless_set(monkeypatch, caplog):

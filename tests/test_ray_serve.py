@@ -304,6 +304,7 @@ def ray_serve_judge(redis_url):
 
 @pytest.mark.model
 @pytest.mark.slow
+@pytest.mark.own_engine
 async def test_killed_replica_loses_no_reward_and_comes_back(ray_serve_judge, unique):
     from rm_server._ray import REPLICA_HEADER
 

@@ -33,21 +33,17 @@ import pytest
 from _pairs import fixture_pairs
 from _reliability import (
     MIB,
-    ROWS,
     Load,
-    Row,
     RssSampler,
     burst,
     long_mode,
     metrics,
-    outcomes_of,
     plot_soak,
     record_case,
     record_soak_curve,
     run_load,
     send,
     wait_until,
-    write_report,
 )
 from _servers import RedisProcess, serve_app
 
@@ -55,30 +51,11 @@ from rm_server import ServerSettings, build_app
 
 pytestmark = pytest.mark.model
 
-MODULE = "tests/test_reliability.py"
 SOAK_RSS_BOUND_MIB = 64.0  # growth of the API process' RSS past warm-up
 SCHEMATHESIS_SEED = 20240601
 PINNED = " (positive ones pinned to mode=fast; transcript: 3 positive, max_tokens=32)"
 HANG_S = 600.0  # deadline of a wait for an event (or of a load that runs until enough answers): only a hang hits it
 STALL_SLACK_S = 10.0  # slack on the stalled engine's deadline (request_timeout_s): a busy core delays scheduling
-
-
-@pytest.fixture(scope="session", autouse=True)
-def reliability_report(request):
-    """Writes the report (`report_path()`: results/reliability/reliability.md, or HER_RELIABILITY_REPORT_DIR's)
-    once the session's tests are done (rows recorded by any test). A run of the whole module replaces all of its
-    rows; a partial run (-k, -m, a node id) keeps the others' earlier rows of that file."""
-    yield
-    config = request.config
-    whole = not config.getoption("keyword") and not config.getoption("markexpr") and not any(
-        MODULE in str(a) and "::" in str(a) for a in config.args)
-    outcomes = outcomes_of(config)
-    measured = {row.test for row in ROWS.values()}
-    for nodeid, outcome in outcomes.items():  # a case that failed before it could measure still gets its row
-        if nodeid.startswith(MODULE) and nodeid not in measured and outcome != "passed":
-            ROWS[nodeid] = Row(name=nodeid.split("::", 1)[1], load={}, faults="—", inputs="—", sent=0, answered=0,
-                               test=nodeid, result=outcome, figures={"note": "no measurement (failed before it)"})
-    write_report(outcomes, replace_module=MODULE if whole else None, long=long_mode(config))
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,7 @@ def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
 
 @pytest.mark.model
 @pytest.mark.timeout(1800)  # training (its own 900 s guard), then a server start and two judgments: one hang guard
+@pytest.mark.own_engine
 def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     """The README's `her train genrm` with the shipped CPU config, then `her serve --model DIR`."""
     import subprocess
