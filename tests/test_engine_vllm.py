@@ -111,7 +111,9 @@ def test_the_session_engine_is_vllm_with_the_cpu_defaults(engine) -> None:
     assert isinstance(engine, VLLMEngine) and engine.alive and engine.continuous_batching
     args = engine.engine_args
     assert args["enable_prefix_caching"] is True and args["enforce_eager"] is True
-    assert args["dtype"] == "float32" and args["kv_cache_memory_bytes"] == 1 << 30
+    from conftest import TEST_KV_CACHE_GIB
+
+    assert args["dtype"] == "float32" and args["kv_cache_memory_bytes"] == int(TEST_KV_CACHE_GIB * (1 << 30))
 
 
 async def test_every_request_feature_in_one_call(engine) -> None:
@@ -240,7 +242,7 @@ def test_sigterm_to_a_her_command_leaves_no_vllm_process(tmp_path, scene) -> Non
     src.write_text("\n".join(json.dumps(r) for r in rows))
     her = Path(sys.executable).with_name("her")
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([str(her), "judge", "--in", str(src), "--out", str(out)],
+    proc = subprocess.Popen([str(her), "judge", "--in", str(src), "--out", str(out), "--kv-cache-gib", "0.5"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600  # hang guard only: a process start and a model load

@@ -163,7 +163,8 @@ def test_judge_cli_writes_one_verdict_line_per_pair(tmp_path, pairs16, rm_server
     too_long = {"id": "long", "context": "Mr Bennet: " + "Lizzy, listen to me. " * 2500, "a": "Yes.", "b": "No."}
     src.write_text("\n".join(json.dumps(r) for r in [*rows, too_long]))
     her = Path(sys.executable).with_name("her")
-    done = subprocess.run([str(her), "judge", "--in", str(src), "--out", str(out), "--mode", "fast"],
+    done = subprocess.run([str(her), "judge", "--in", str(src), "--out", str(out), "--mode", "fast",
+                           "--kv-cache-gib", "0.5"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 pair(s) got no verdict" in done.stderr

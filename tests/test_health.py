@@ -90,7 +90,7 @@ def test_engine_death_at_run_time_turns_readiness_off():
     reason, judging answers 503, and the server still shuts down cleanly."""
     port = free_port()
     server = ServerProcess([HER, "serve", "--port", str(port)], port, ready_path="/readyz", startup_timeout=START_S,
-                           env=_env(RM_KV_CACHE_GIB="1"))
+                           env=_env(RM_KV_CACHE_GIB="0.5"))
     server.start()
     base = server.base_url
     try:

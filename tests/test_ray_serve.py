@@ -281,13 +281,13 @@ class RayHead:
 
 @pytest.fixture
 def ray_serve_judge(redis_url):
-    """Ray head + `her serve --replicas 2` on it (vLLM, 1 GiB KV cache each, shared Redis cache)."""
+    """Ray head + `her serve --replicas 2` on it (vLLM, 0.5 GiB KV cache each, shared Redis cache)."""
     from _openai_server import ServerProcess
 
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'ray[serve]'")
     head = RayHead().start()
     port = free_port()
-    env = dict(head.env, RM_KV_CACHE_GIB="1", RM_MAX_WAIT_MS="5", RM_REDIS_URL=redis_url,
+    env = dict(head.env, RM_KV_CACHE_GIB="0.5", RM_MAX_WAIT_MS="5", RM_REDIS_URL=redis_url,
                RM_RAY_HEALTH_CHECK_PERIOD_S="2")
     her = str(Path(sys.executable).with_name("her"))
     server = ServerProcess([her, "serve", "--port", str(port), "--replicas", "2", "--ray-address", head.address],

@@ -42,7 +42,7 @@ def test_teacher_pairs_command_writes_judged_and_mixed_files(tmp_path):
     done = subprocess.run(
         [str(her), "build", "teacher-pairs", "--sources", str(COSER / "example_test_set.json"), "--books", "Othello",
          "--turns-per-scene", "1", "--max-tokens", "40",
-         "--policy-kv-cache-gib", "1", "--out", str(out)],
+         "--policy-kv-cache-gib", "0.5", "--out", str(out)],
         capture_output=True, text=True, timeout=850)  # hang guard only, inside the suite's 900 s per test
     assert (out / "summary.json").exists(), f"exit {done.returncode}: {done.stderr[-3000:]}"
     summary = json.loads((out / "summary.json").read_text())

@@ -107,7 +107,7 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     # `her serve --model DIR` serves it as it is, with the trained judge's short prompt
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-    env.update(RM_KV_CACHE_GIB="1", RM_MAX_WAIT_MS="5")
+    env.update(RM_KV_CACHE_GIB="0.5", RM_MAX_WAIT_MS="5")
     her = str(Path(sys.executable).with_name("her"))
     server = ServerProcess([her, "serve", "--port", str(port), "--model", str(out)], port, ready_path="/readyz",
                            startup_timeout=600, env=env)  # hang guard: a model load on a slow, busy box
