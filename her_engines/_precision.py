@@ -8,10 +8,7 @@ GPU), never from the box a config was written on; an explicit setting always win
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
-
-log = logging.getLogger("her_engines")
 
 # Either one gives the CPU real bf16 dot products (Intel Cooper Lake / Sapphire Rapids, AMD Zen 4+).
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -52,10 +49,8 @@ def native_bf16_reason(flags: frozenset[str] | None = None, *, cuda: bool | None
 
 @functools.cache
 def native_bf16() -> bool:
-    """True where bf16 arithmetic is native on this machine (logged once, with the reason)."""
-    ok, why = native_bf16_reason()
-    log.info("precision: %s (%s)", "bf16 where unset" if ok else "fp32 where unset", why)
-    return ok
+    """True where bf16 arithmetic is native on this machine (callers log their choice with the reason)."""
+    return native_bf16_reason()[0]
 
 
 def _cuda_available() -> bool:

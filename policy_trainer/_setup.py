@@ -82,13 +82,12 @@ def with_precision(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """A trainer section with `bf16` decided by the hardware when the YAML leaves it unset (TRL would
     turn it on everywhere, and without native bf16 a CPU emulates it at a fraction of fp32's speed).
     An explicit `bf16: true/false`, or `fp16: true`, wins."""
-    from her_engines import native_bf16, native_bf16_reason
+    from her_engines import native_bf16_reason
 
     kwargs = dict(values)
     if kwargs.get("bf16") is None and not kwargs.get("fp16"):
-        kwargs["bf16"] = native_bf16()
-        log.info("%s.bf16 unset: bf16 autocast %s (%s)", section, "on" if kwargs["bf16"] else "off, fp32",
-                 native_bf16_reason()[1])
+        kwargs["bf16"], why = native_bf16_reason()
+        log.info("%s.bf16 unset: bf16 autocast %s (%s)", section, "on" if kwargs["bf16"] else "off, fp32", why)
     return kwargs
 
 

@@ -64,7 +64,7 @@ def test_trainer_bf16_is_decided_by_the_hardware_unless_set(monkeypatch, caplog)
     import her_engines
 
     for native in (True, False):
-        monkeypatch.setattr(her_engines, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(her_engines, "native_bf16_reason", lambda native=native: (native, "flags"))
         with caplog.at_level(logging.INFO, logger="policy_trainer._setup"):
             caplog.clear()
             assert with_precision("sft", {"use_cpu": True})["bf16"] is native
