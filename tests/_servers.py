@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -84,3 +84,12 @@ class RedisProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 600.0, every_s: float = 0.05) -> None:
+    """Poll `condition` until it holds; the deadline only catches a hang (AssertionError naming `what`)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {timeout:g} s")
+        time.sleep(every_s)

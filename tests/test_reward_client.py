@@ -19,7 +19,7 @@ import httpx
 import pytest
 from _fault_servers import fault_server
 from _pairs import fixture_pairs
-from _servers import free_port
+from _servers import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from policy_trainer import _adapters
@@ -37,11 +37,6 @@ def _client(url: str, **kw) -> RewardClient:
     return RewardClient(url=url, **{**QUICK, **kw})
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- configuration and inputs
@@ -186,10 +181,10 @@ async def test_circuit_opens_after_n_failures_fails_fast_then_half_opens():
         assert client.circuit_state == "open" and client.stats.circuit_opens == 1 and fs.hits == 2
         assert await client(*args, reference=["r"]) == [None]  # fails fast: nothing sent
         assert fs.hits == 2 and client.stats.circuit_rejections == 1
-        _wait_for(lambda: client.circuit_state == "half_open")
+        wait_for(lambda: client.circuit_state == "half_open", "the circuit half-open", timeout=30.0, every_s=0.02)
         assert await client(*args, reference=["r"]) == [None]  # the one trial fails: open again
         assert fs.hits == 3 and client.circuit_state == "open" and client.stats.circuit_opens == 2
-        _wait_for(lambda: client.circuit_state == "half_open")
+        wait_for(lambda: client.circuit_state == "half_open", "the circuit half-open", timeout=30.0, every_s=0.02)
         fs.forever = None
         assert await client(*args, reference=["r"]) == [0.75]
         assert fs.hits == 4 and client.circuit_state == "closed"

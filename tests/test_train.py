@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from _openai_server import ServerProcess, free_port
+from _servers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "policy_trainer" / "configs"
@@ -358,15 +358,6 @@ def batches_judged(base_url: str) -> float:
                if s.name == "rm_batch_size_count")
 
 
-def _wait_until(condition, what: str, timeout: float = 600.0) -> None:
-    """Poll `condition` until it holds; the deadline only catches a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not seen in {timeout:g} s")
-        time.sleep(0.05)
-
-
 class _RestartDuringCall:
     """Reward wrapper: on its first call, SIGKILLs the server once the judge works on the call's pairs, then
     restarts it on the same port once the client has seen the outage, in a background thread."""
@@ -384,13 +375,13 @@ class _RestartDuringCall:
     def _kill_and_restart(self, call_done: threading.Event, batches_before: float, outages_before: int) -> None:
         try:
             # the judge works on this call's pairs: a batch of them reached the engine after the call began
-            _wait_until(lambda: call_done.is_set() or batches_judged(self.server.base_url) > batches_before,
+            wait_for(lambda: call_done.is_set() or batches_judged(self.server.base_url) > batches_before,
                         "a pair of the reward call inside the judge")
             self.killed_during_call = not call_done.is_set()
             os.killpg(self.server._proc.pid, signal.SIGKILL)
             self.server.stop()  # reaps the killed process
             # the client noticed (its request failed; it retries against the dead port) before the server is back
-            _wait_until(lambda: call_done.is_set() or self._outages() > outages_before, "the client seeing the outage")
+            wait_for(lambda: call_done.is_set() or self._outages() > outages_before, "the client seeing the outage")
             self.server.start()
         except BaseException as exc:  # surfaced by the test
             self.error = exc
