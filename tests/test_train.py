@@ -376,7 +376,7 @@ class _RestartDuringCall:
         try:
             # the judge works on this call's pairs: a batch of them reached the engine after the call began
             wait_for(lambda: call_done.is_set() or batches_judged(self.server.base_url) > batches_before,
-                        "a pair of the reward call inside the judge")
+                     "a pair of the reward call inside the judge")
             self.killed_during_call = not call_done.is_set()
             os.killpg(self.server._proc.pid, signal.SIGKILL)
             self.server.stop()  # reaps the killed process
