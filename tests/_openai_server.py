@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from _servers import free_port
 
 
 class ServerProcess:
@@ -182,4 +175,6 @@ def vllm_openai_server(model_folder: Path, *, kv_cache_gib: float = 0.5, max_mod
         "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30))),
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
-    return ServerProcess(argv, port, ready_path="/v1/models", startup_timeout=600)
+    # The model worker inside the engine-core process, as our own engine runs it on CPU (her_engines._vllm).
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return ServerProcess(argv, port, ready_path="/v1/models", startup_timeout=600, env=env)

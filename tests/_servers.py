@@ -10,12 +10,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import httpx
 import uvicorn
 
+T = TypeVar("T")
+
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -86,10 +90,18 @@ class RedisProcess:
             self.proc = None
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 600.0, every_s: float = 0.05) -> None:
-    """Poll `condition` until it holds; the deadline only catches a hang (AssertionError naming `what`)."""
+def wait_for(condition: Callable[[], T], what: str, timeout: float = 600.0, every_s: float = 0.05, *,
+             ignore: tuple[type[BaseException], ...] = (), detail: Callable[[], str] = str) -> T:
+    """Poll `condition` until it returns something true, and return that; the deadline only catches a hang
+    (AssertionError naming `what`, then `detail()`). Exceptions in `ignore` count as "not yet"."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        try:
+            found = condition()
+            if found:
+                return found
+        except ignore:
+            pass
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not seen in {timeout:g} s")
+            raise AssertionError(f"{what}: not seen in {timeout:g} s\n{detail()}".rstrip())
         time.sleep(every_s)

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from _openai_server import ServerProcess, free_port, group_members
+from _servers import wait_for
 
 HER = str(Path(sys.executable).with_name("her"))
 MISSING_MODEL = "/nonexistent/her-judge"
@@ -36,19 +36,13 @@ def _metric(base: str, name: str) -> float:
 
 
 def _wait_for_state(base: str, state: str, proc: subprocess.Popen | None = None, timeout: float = START_S) -> dict:
-    deadline = time.monotonic() + timeout
-    body: dict = {}
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode} before reaching {state!r}")
-        try:
-            body = httpx.get(base + "/readyz", timeout=5).json()
-            if body.get("state") == state:
-                return body
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"/readyz never reported {state!r}; last: {body}")
+        body = httpx.get(base + "/readyz", timeout=5).json()
+        return body if body.get("state") == state else None
+
+    return wait_for(reached, f"/readyz reporting {state!r}", timeout, every_s=0.3, ignore=(httpx.HTTPError,))
 
 
 def test_failed_model_load_is_reported_not_healthy(tmp_path):

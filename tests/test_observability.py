@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import yaml
 from _openai_server import free_port
+from _servers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,17 +126,9 @@ class PrometheusServer:
         assert body["status"] == "success", body
         return body["data"]
 
-    def wait_for(self, check, what: str, timeout: float = 60.0):  # noqa: ANN001
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                found = check()
-                if found:
-                    return found
-            except (httpx.HTTPError, AssertionError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"prometheus: {what} not seen in {timeout} s\n{self.log.read_text()[-2000:]}")
+    def wait_for(self, check, what: str, timeout: float = 300.0):  # noqa: ANN001
+        return wait_for(check, f"prometheus: {what}", timeout, every_s=0.5,
+                        ignore=(httpx.HTTPError, AssertionError, KeyError), detail=lambda: self.log.read_text()[-2000:])
 
 
 # A rule that must fire against a serving judge: the shipped rules wait for 50 judgments and 10 minutes.

@@ -212,11 +212,17 @@ def test_bad_input_is_a_clear_4xx(server, pairs):
     assert r.status_code == 422 and "prompts" in r.json()["error"]["message"]
 
 
-def test_metrics_scrape_parses_and_counts(server):
+def test_metrics_scrape_parses_and_counts(server, pairs, unique):
+    def judged_ok(m: dict[str, float]) -> float:
+        return sum(v for k, v in m.items() if k.startswith("rm_judgments_total{mode=fast,status=ok"))
+
+    before = _metrics(server)
+    body = _body(pairs[1], mode="fast", seed=int(unique[:6], 16) + 3)  # a fresh cache key, then its hit
+    for _ in range(2):
+        assert httpx.post(server + "/v1/judge", json=body, timeout=600).json()["status"] == "ok"
     m = _metrics(server)
-    judged = sum(v for k, v in m.items() if k.startswith("rm_judgments_total{mode=cot,status=ok"))
-    assert judged >= 1
-    assert m["rm_cache_requests_total{result=hit}"] >= 1
+    assert judged_ok(m) == judged_ok(before) + 2  # the cached answer counts too (not in the window)
+    assert m["rm_cache_requests_total{result=hit}"] >= before.get("rm_cache_requests_total{result=hit}", 0) + 1
     assert m["rm_window_judgments"] >= 1
     assert 0.0 <= m["rm_first_slot_win_ratio"] <= 1.0 or math.isnan(m["rm_first_slot_win_ratio"])
     assert m["rm_tokens_total{kind=prompt}"] > 0

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from _openai_server import ServerProcess, free_port
-from _servers import wait_for
+from _openai_server import ServerProcess
+from _servers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "policy_trainer" / "configs"
