@@ -51,8 +51,8 @@ prometheus:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
 	   >/dev/null) || echo "prometheus unavailable: the tests that run it will be skipped"; }
 
-# Two pytest-xdist workers: the suite's `her serve` on one, the in-process engine on the other, tests with engines
-# of their own one at a time (groups in tests/conftest.py).
+# Two pytest-xdist workers: the suite's `her serve` and its chain of tests on one, the in-process engine and its
+# chain on the other; tests with engines of their own join one chain each (tests/conftest.py).
 # TEST_WORKERS=0 runs everything in one process. The wall time printed counts from make's start (install too).
 TEST_WORKERS ?= 2
 MAKE_STARTED := $(shell date +%s)

@@ -121,14 +121,17 @@ def unique() -> str:
 
 # --------------------------------------------------------------------------- two workers (pytest-xdist)
 
-# `make test` runs two xdist workers (`--dist loadgroup`); each loads the session fixtures it uses. Tests on
-# the suite's `her serve` share one worker, tests on the in-process engine the other, so each model is
-# loaded once per session. Tests that start engines of their own (`own_engine`: a vLLM server, Ray
-# replicas, a `her` command with a model) run one at a time, so that at most one such set of engines sits
-# beside the two session ones (24 GiB). The rest go wherever a worker is free. The reliability report
-# gathers the rows of both workers (tests/_reliability.py).
-SERVE_GROUP, ENGINE_GROUP, OWN_ENGINE_GROUP = "her-serve", "engine", "own-engine"
+# `make test` runs two xdist workers (`--dist loadgroup`), and the suite's tests that need a model form two chains,
+# one per worker (xdist sends the two largest groups to different workers first): tests on the suite's `her serve`
+# in one, tests on the in-process engine in the other, so each session model is loaded once. Tests that start
+# engines of their own (`own_engine`: a vLLM server, Ray replicas, a `her` command with a model) join one chain
+# or the other, so at most one such set of engines runs per worker, beside its session one (24 GiB). Which chain:
+# by module, to even out the two (measured per-test times on a 2-core AVX2 box, `--durations`). The rest go
+# wherever a worker is free. The reliability report gathers the rows of both workers (tests/_reliability.py).
+SERVE_GROUP, ENGINE_GROUP = "her-serve", "engine"
 OWN_ENGINE_FIXTURES = {"vllm_server", "ray_serve_judge"}
+# Ray (two replicas), vLLM's OpenAI server, `make bench`; every other own-engine test joins the engine chain.
+OWN_ENGINE_BESIDE_SERVE = {"test_ray_serve.py", "test_engine_openai.py", "test_readme.py"}
 
 
 def worker_group(item: pytest.Item) -> str | None:
@@ -136,7 +139,7 @@ def worker_group(item: pytest.Item) -> str | None:
     if "rm_server" in names:
         return SERVE_GROUP
     if item.get_closest_marker("own_engine") or names & OWN_ENGINE_FIXTURES:
-        return OWN_ENGINE_GROUP
+        return SERVE_GROUP if item.path.name in OWN_ENGINE_BESIDE_SERVE else ENGINE_GROUP
     if names & {"engine", "genrm"}:
         return ENGINE_GROUP
     return None
@@ -148,6 +151,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = worker_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+class _GroupsTookEffect:
+    """xdist's loadgroup works by suffixing node ids with "@group"; where a pytest release stops it from doing so,
+    every test is scheduled alone (each worker then loads every session engine): stop instead of running so."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        ungrouped = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): "
+                                    "this pytest and pytest-xdist do not work together (pyproject.toml pins them)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") and config.getvalue("loadgroup"):
+        config.pluginmanager.register(_GroupsTookEffect(), "her-groups-took-effect")
 
 
 # --------------------------------------------------------------------------- no orphaned vLLM process
