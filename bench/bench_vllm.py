@@ -367,7 +367,7 @@ async def vllm_phases(args: argparse.Namespace, bodies: list[dict], bandwidth: f
                       report: Report) -> float:
     """Figures 1-3 and 5, and the vLLM half of figure 4 (its wall time is returned)."""
     clock.say("loading the vllm engine")
-    engine = create_engine("vllm", kv_cache_gib=2)
+    engine = create_engine("vllm", kv_cache_gib=args.kv_cache_gib)
     try:
         await http_phases(args, engine, bodies, clock, report)
         await decode_phase(args, engine, bandwidth, clock, report)
@@ -449,6 +449,7 @@ async def main() -> None:
     parser.add_argument("--engine-mode", choices=("cot", "fast"), default="cot",
                         help="judge mode of the vllm vs transformers run")
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache (the service's CPU default)")
     # vLLM's CPU worker runs one OpenMP thread per core it keeps, and on x86 it keeps one core for its
     # scheduler: on 2 cores that is 1 thread, so transformers gets 1 too.
     parser.add_argument("--hf-threads", type=int, default=1, help="torch threads of the transformers engine")

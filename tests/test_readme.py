@@ -121,7 +121,7 @@ def test_bench_scripts_named_in_the_readme_exist():
 def test_make_bench_runs_at_a_tiny_size(tmp_path):
     """`make bench` end to end (vLLM over HTTP, transformers side by side), sized to a minute or two."""
     args = ("--clients 2 --pairs 2 --seq-pairs 1 --swap-pairs 1 --fast 1 --engine-pairs 1 --engine-mode fast "
-            "--decode-tokens 8 "
+            "--decode-tokens 8 --kv-cache-gib 0.5 "
             f"--out {tmp_path}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     done = subprocess.run(["make", "bench", f"BENCH_ARGS={args}"], cwd=ROOT, env=env,
