@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from her_engines import Engine, GenRequest
 from her_genrm import GenRM, GenRMConfig, JudgeRequest, LabelledPair, pattern_of
-from her_roleplay import Scene, as_her, build_chat_prompt, strip_system_thinking
+from her_roleplay import Scene, as_her, build_chat_prompt, for_judging
 
 from ._negatives import judge_context, turns_of
 from ._pairs import MixConfig, balance
@@ -69,7 +69,7 @@ async def teacher_pairs(
             judge_requests, owners = [], []
             for i, (turn, _) in enumerate(chunk):
                 first, second = samples[2 * i], samples[2 * i + 1]
-                a, b = (strip_system_thinking(r.text).strip() for r in (first, second))
+                a, b = (for_judging(r.text) for r in (first, second))
                 if first.finish_reason == "error" or second.finish_reason == "error" or not a or not b or a == b:
                     dropped["policy gave no two distinct replies"] += 1
                     continue

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from her_engines import Engine, EngineError, EngineSettings, build_engine
-from her_genrm import GenRM, JudgeRequest, LabelledPair, Mode, Usage, Verdict, genrm_config_for
+from her_genrm import GenRM, JudgeRequest, LabelledPair, Mode, Usage, Verdict, build_genrm
 
 from ._agreement import agreement_metrics
 from ._judge_report import write_judge_report
@@ -207,10 +207,9 @@ async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: 
     owned = engine is None
     if engine is None:
         engine = build(config.engine_settings.model_copy(update={"model": spec.model}))
-    judge_config = genrm_config_for(spec.model)
     rows = []
     try:
-        genrm = GenRM(engine, config=judge_config)
+        genrm = build_genrm(engine, spec.model)
         for mode in config.modes:
             name = _entry_name(spec, mode, config)
             started = time.perf_counter()
@@ -226,7 +225,7 @@ async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: 
                 "model": spec.model,
                 "engine": getattr(engine, "kind", "engine"),
                 "model_id": engine.model_id,
-                "principle_detail": judge_config.principle_detail,
+                "principle_detail": genrm.config.principle_detail,
                 "verdicts_file": f"verdicts_{name}.jsonl",
                 "seconds": round(time.perf_counter() - started, 3),
                 "usage": usage.model_dump(),

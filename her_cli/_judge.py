@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from her_genrm import GenRM, judge_file
+from her_genrm import build_genrm, judge_file
 
 from ._engine_args import add_engine_arguments, engine_from_args
 
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["cot", "fast"], default="cot")
     parser.add_argument("--template", choices=["compact", "her-rm"], default="compact")
     parser.add_argument("--her-rm-template", help="template file for --template her-rm (from the HER repository)")
+    parser.add_argument("--her-rm-stage", choices=["sft", "rl"], default="sft",
+                        help="the HER-RM checkpoint served: after reward SFT, or after reward RL (gets HER's "
+                             "RL-stage request appended)")
     parser.add_argument("--principles", help="principle library yaml (default: bundled)")
     parser.add_argument("--no-swap", action="store_true", help="judge one order only (no position debiasing)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     try:
-        genrm = GenRM.from_paths(engine, principles=args.principles, her_rm_template=args.her_rm_template)
+        genrm = build_genrm(engine, principles=args.principles, her_rm_template=args.her_rm_template,
+                            her_rm_stage=args.her_rm_stage)
         counts = await judge_file(args.in_path, args.out_path, genrm, mode=args.mode, template=args.template,
                                   swap=not args.no_swap, batch_size=args.batch_size)
     finally:

@@ -7,7 +7,7 @@
 """
 
 from ._api import API_KEY_ENV, api_key_from_env, judge, judge_file
-from ._card import JUDGE_CARD_FILE, JudgeCard, genrm_config_for, read_judge_card
+from ._card import JUDGE_CARD_FILE, JudgeCard, build_genrm, read_judge_card
 from ._judge import GenRM, GenRMConfig, pattern_of
 from ._rewards import (
     FORMAT_BREAKING_CODES,
@@ -24,7 +24,9 @@ from ._rewards import (
 )
 from ._safety import ControlTokens, control_token_strings, neutralize_control_tokens
 from ._templates import (
+    HER_RM_RL_SUFFIX,
     CompactTemplate,
+    HerRMStage,
     HerRMTemplate,
     JudgeOutputError,
     PrincipleDetail,
@@ -93,6 +95,8 @@ __all__ = [
     "control_token_strings",
     "neutralize_control_tokens",
     "GenRMConfig",
+    "HER_RM_RL_SUFFIX",
+    "HerRMStage",
     "HerRMTemplate",
     "PrincipleDetail",
     "JudgeOutputError",
@@ -119,7 +123,7 @@ __all__ = [
     "format_violations",
     "judge",
     "judge_file",
-    "genrm_config_for",
+    "build_genrm",
     "read_judge_card",
     "parse_compact",
     "parse_flaws",

@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from her_engines import Engine, create_engine
 
+from ._card import build_genrm
 from ._judge import GenRM
 from ._types import JudgeRequest, Mode, TemplateName, Verdict
 
@@ -38,10 +39,13 @@ async def judge(
     swap: bool = True,
     engine: Engine | None = None,
     genrm: GenRM | None = None,
+    model: str | Path | None = None,
     batch_size: int = 16,
 ) -> list[Verdict]:
-    """Judge pairs (`{"context", "a", "b"}` dicts or `JudgeRequest`s) in engine-sized batches."""
-    genrm = genrm or GenRM(engine or create_engine())
+    """Judge pairs (`{"context", "a", "b"}` dicts or `JudgeRequest`s) in engine-sized batches.
+
+    `model`: the folder whose judge card sets the prompt (`build_genrm`); default: the engine's model id."""
+    genrm = genrm or build_genrm(engine or create_engine(), model)
     requests = [_to_request(p, mode=mode, template=template, swap=swap) for p in pairs]
     verdicts: list[Verdict] = []
     for start in range(0, len(requests), batch_size):

@@ -14,14 +14,15 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from her_engines import Engine, GenRequest, GenResult
-from her_roleplay import PrincipleLibrary, default_library, strip_system_thinking
+from her_roleplay import PrincipleLibrary, default_library, for_judging
 
 from ._rewards import OUTCOME_SCORE
 from ._safety import ControlTokens
 from ._templates import (
+    HER_RM_BASE_TOKENS,
+    HER_RM_NO_FAST,
     SLOTS,
     CompactTemplate,
     HerRMTemplate,
@@ -102,30 +103,15 @@ class GenRM:
         # the engine's own tokenizer, where it exposes one, says which strings are special.
         self.control_tokens = ControlTokens.of(getattr(self.engine, "tokenizer", None))
 
-    @classmethod
-    def from_paths(
-        cls,
-        engine: Engine,
-        *,
-        principles: str | Path | PrincipleLibrary | None = None,
-        her_rm_template: str | Path | None = None,
-        config: GenRMConfig | None = None,
-    ) -> GenRM:
-        """A judge from file paths (None: the bundled principles; no her-rm template)."""
-        if isinstance(principles, PrincipleLibrary):
-            library = principles
-        else:
-            library = PrincipleLibrary.load(principles) if principles else default_library()
-        return cls(
-            engine=engine,
-            library=library,
-            her_rm_template=HerRMTemplate.load(her_rm_template) if her_rm_template else None,
-            config=config or GenRMConfig(),
-        )
-
     @property
     def model_id(self) -> str:
         return self.engine.model_id
+
+    def check(self, req: JudgeRequest) -> None:
+        """Raise ValueError (the caller's to fix) for a template this judge lacks or a mode it has no
+        faithful reading for."""
+        if self.template(req.template).name == "her-rm" and req.mode == "fast":
+            raise ValueError(HER_RM_NO_FAST)
 
     def template(self, name: str) -> JudgeTemplate:
         if name == "compact":
@@ -143,7 +129,7 @@ class GenRM:
         first: none of them can spell a control token of the judge's template."""
         template = self.template(req.template)
         neutralize = self.control_tokens.neutralize
-        a, b = neutralize(strip_system_thinking(req.a)), neutralize(strip_system_thinking(req.b))
+        a, b = neutralize(for_judging(req.a)), neutralize(for_judging(req.b))
         context = self.control_tokens.neutralize_context(req.context)
         orders = [True, False] if req.swap else [True]
         fast = req.mode == "fast"
@@ -164,16 +150,21 @@ class GenRM:
                     json_schema=template.output_schema(),
                 )
             else:
-                budget = self.config.her_rm_max_tokens or template.max_output_tokens(first, second)
-                gen = GenRequest(**common, max_tokens=budget, top_p=self.config.top_p)
+                # The opening HER-RM would write anyway (the echo of both candidates) is prefilled, not decoded.
+                prefill = template.prefill(first, second)
+                budget = self.config.her_rm_max_tokens or (
+                    HER_RM_BASE_TOKENS if prefill else template.max_output_tokens(first, second))
+                gen = GenRequest(**common, prefill=prefill, max_tokens=budget, top_p=self.config.top_p)
             out.append((a_first, gen))
         return out
 
     # ------------------------------------------------------------------ answers
 
-    def _read_order(self, req: JudgeRequest, a_first: bool, result: GenResult) -> OrderResult:
+    def _read_order(self, req: JudgeRequest, a_first: bool, result: GenResult, prefill: str = "") -> OrderResult:
+        """One order's answer; `prefill` is the opening of a cot answer that was given rather than decoded."""
         usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, calls=1)
-        base = {"a_first": a_first, "raw": result.text, "usage": usage}
+        text = prefill + result.text if req.mode == "cot" else result.text
+        base = {"a_first": a_first, "raw": text, "usage": usage}
         if result.finish_reason == "error":
             return OrderResult(**base, status="error", error=result.error or "engine error")
         template = self.template(req.template)
@@ -188,7 +179,7 @@ class GenRM:
             return OrderResult(**base, status="error", error="judge output hit max_tokens before finishing")
         try:
             parsed: ParsedJudgment = (
-                parse_compact(result.text, self._known_ids) if req.template == "compact" else parse_her_rm(result.text)
+                parse_compact(text, self._known_ids) if req.template == "compact" else parse_her_rm(text)
             )
         except JudgeOutputError as exc:
             return OrderResult(**base, status="error", error=str(exc))
@@ -200,15 +191,18 @@ class GenRM:
             priced = _priced(probs, a_first)
         else:
             priced = {"p_a": OUTCOME_SCORE[winner]}
-        comparisons = [
-            Comparison(principle=pid, winner=_slot_to_winner(slot, a_first), reason=reason)
-            for pid, slot, reason in parsed.comparisons
-        ]
+        comparisons = []
+        for c in parsed.comparisons:
+            a_said, b_said = (c.first_performance, c.second_performance) if a_first else \
+                (c.second_performance, c.first_performance)
+            comparisons.append(Comparison(principle=c.principle, winner=_slot_to_winner(c.winner, a_first),
+                                          reason=c.reason, a_performance=a_said, b_performance=b_said))
         return OrderResult(
             **base,
             **priced,
             status="ok",
             winner=winner,
+            parse=parsed.parse,
             principles=list(dict.fromkeys(c.principle for c in comparisons)),
             comparisons=comparisons,
             pattern=pattern_of([c.winner for c in comparisons]),
@@ -290,8 +284,8 @@ class GenRM:
         if len(results) != len(gen_requests):
             raise RuntimeError(f"engine returned {len(results)} results for {len(gen_requests)} requests")
         per_pair: dict[int, list[OrderResult]] = {}
-        for (i, a_first), result in zip(plan, results, strict=True):
-            per_pair.setdefault(i, []).append(self._read_order(requests[i], a_first, result))
+        for (i, a_first), gen, result in zip(plan, gen_requests, results, strict=True):
+            per_pair.setdefault(i, []).append(self._read_order(requests[i], a_first, result, gen.prefill))
         latency_ms = (time.perf_counter() - started) * 1000
         verdicts = []
         for i, req in enumerate(requests):

@@ -9,6 +9,7 @@ answers in slots; `_judge` maps slots back to the caller's ``a`` / ``b``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -17,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from her_engines import ChatMessage, TokenLogprobs
 from her_roleplay import PrincipleLibrary
@@ -182,7 +183,22 @@ HER_RM_PLACEHOLDERS = ("{context}", "{cand_1}", "{cand_2}")
 HER_RM_BASE_TOKENS = 2048
 # A conservative characters-per-token rate (English BPE averages about 4), so the budget errs long.
 HER_RM_CHARS_PER_TOKEN = 3
-HER_RM_FAST_PREFILL = '```json\n{\n    "result": [\n        {\n            "better_response": "'
+HerRMStage = Literal["sft", "rl"]
+# What HER's RM-RL stage appends to every judge prompt (`training_code/step3_reward_rl/extract_rm_data.py`): a
+# judge trained on through that stage expects it. Reproduced as the checkpoint's input protocol, not as our prose.
+HER_RM_RL_SUFFIX = """
+You always first think about the reasoning process in the mind and then provides the user with the answer.
+The reasoning process are enclosed within '<think>' '</think>' e.g.,
+<think>
+A detailed reasoning process here
+</think>
+Reply the json format answer to user here.
+Please reason step by step, and put your final answer within only json format.
+Now, start your reasoning process.
+    """
+HER_RM_NO_FAST = ("template her-rm has no fast mode: HER-RM writes better_response last, after echoing both "
+                  "candidates and comparing them on its principles, so no one-step reading is its trained verdict; "
+                  "use mode cot (P(a≻b) is read from the tokens of that verdict)")
 
 
 @dataclass(frozen=True)
@@ -191,37 +207,51 @@ class HerRMTemplate:
 
     Only the three placeholders are substituted (plain replacement: the template is full of
     literal JSON braces). Substitution is single-pass, so a candidate containing ``{cand_2}``
-    cannot pull in other text.
+    cannot pull in other text. `stage` says which released checkpoint is served: ``sft`` (after
+    reward SFT: answers with the fenced record at once) or ``rl`` (after reward RL: the prompt gets
+    HER's RL-stage request appended and the model reasons in ``<think>`` before the record).
     """
 
     text: str
+    stage: HerRMStage = "sft"
     name: str = "her-rm"
 
     @classmethod
-    def load(cls, path: str | Path) -> HerRMTemplate:
+    def load(cls, path: str | Path, stage: HerRMStage = "sft") -> HerRMTemplate:
         text = Path(path).read_text(encoding="utf-8")
         missing = [p for p in HER_RM_PLACEHOLDERS if p not in text]
         if missing:
             raise ValueError(f"her-rm template {path} lacks placeholder(s) {', '.join(missing)}")
-        return cls(text=text)
+        return cls(text=text, stage=stage)
 
     @property
     def template_hash(self) -> str:
-        return _sha(self.name + "\x00" + self.text)
+        return _sha(self.name + "\x00" + self.text + "\x00" + self.stage)
 
     def messages(self, context: list[ChatMessage] | str, first: str, second: str, *, fast: bool) -> list[ChatMessage]:
-        """The operator's template with the inputs filled in, unchanged in both modes (fast mode reads
-        the verdict from a prefilled answer instead of adding instructions, see `fast_request`)."""
+        """The operator's template with the inputs filled in, as HER's builders fill it (one user turn),
+        plus the RL-stage request for an ``rl`` judge."""
+        if fast:
+            raise ValueError(HER_RM_NO_FAST)
         values = {"{context}": render_context(context), "{cand_1}": first, "{cand_2}": second}
         pattern = re.compile("|".join(re.escape(p) for p in HER_RM_PLACEHOLDERS))
         prompt = pattern.sub(lambda m: values[m.group(0)], self.text)
+        if self.stage == "rl":
+            prompt += "\n" + HER_RM_RL_SUFFIX
         return [ChatMessage(role="user", content=prompt)]
+
+    def prefill(self, first: str, second: str) -> str:
+        """The part of an SFT-stage answer known before the model writes: the fence, the record opening and
+        both candidates echoed verbatim (HER's target: 2-space indent, ``cand_1``, ``cand_2`` first), up to
+        where the model's principles begin. None of it is decoded; the rest is the model's own. An RL-stage
+        judge opens with its reasoning instead, so it gets no prefill."""
+        if self.stage == "rl":
+            return ""
+        dump = functools.partial(json.dumps, ensure_ascii=False)
+        return f'```json\n{{\n  "cand_1": {dump(first)},\n  "cand_2": {dump(second)},\n  "principle": {{'
 
     verdict_anchor = re.compile(r'"better_response"\s*:\s*"')
     verdict_values: tuple[tuple[str, Slot], ...] = (("cand_1", "A"), ("cand_2", "B"), ("tie", "tie"))
-    # The answer HER-RM writes, opened as its training target is (fenced JSON, `result` list) and cut
-    # where `better_response` takes its value: the model's own verdict tokens, without its analysis.
-    fast_prefill = HER_RM_FAST_PREFILL
 
     @staticmethod
     def max_output_tokens(first: str, second: str) -> int:
@@ -233,9 +263,9 @@ class HerRMTemplate:
 JudgeTemplate = CompactTemplate | HerRMTemplate
 
 
-def fast_request(template: JudgeTemplate) -> tuple[str, list[str], int]:
+def fast_request(template: CompactTemplate) -> tuple[str, list[str], int]:
     """(assistant prefill, choices, max_tokens) of a fast verdict. Decoding stops once the values
-    diverge: one token for A / B / tie, a few for cand_1 / cand_2 (at most one per shared character)."""
+    diverge: one token for A / B / tie (at most one more per character two values share)."""
     choices = [value for value, _ in template.verdict_values]
     shared = max(len(os.path.commonprefix([x, y])) for x, y in itertools.combinations(choices, 2))
     return template.fast_prefill, choices, 1 + shared
@@ -248,10 +278,22 @@ class JudgeOutputError(ValueError):
     """The judge's text could not be read as a verdict."""
 
 
+class SlotComparison(NamedTuple):
+    """One principle's comparison in slot terms (the first / second candidate shown)."""
+
+    principle: str
+    winner: Slot
+    reason: str
+    first_performance: str = ""
+    second_performance: str = ""
+
+
 @dataclass(frozen=True)
 class ParsedJudgment:
     verdict: Slot
-    comparisons: list[tuple[str, Slot, str]]  # (principle, winner slot, reason)
+    comparisons: list[SlotComparison]
+    parse: Literal["json", "regex"] = "json"
+    """"regex": the answer was not valid JSON and its verdict was read as HER reads it (no comparisons)."""
 
 
 def parse_compact(text: str, known_ids: set[str]) -> ParsedJudgment:
@@ -268,7 +310,7 @@ def parse_compact(text: str, known_ids: set[str]) -> ParsedJudgment:
         pid = str(item.get("principle", ""))
         if pid not in known_ids:
             raise JudgeOutputError(f"unknown principle id {pid!r}")
-        comparisons.append((pid, item["winner"], str(item.get("reason", ""))))
+        comparisons.append(SlotComparison(pid, item["winner"], str(item.get("reason", ""))))
     return ParsedJudgment(verdict=data["verdict"], comparisons=comparisons)
 
 
@@ -301,8 +343,10 @@ def _her_rm_slot(value: Any) -> Slot | None:
 
 
 _THINK_BLOCK = re.compile(r"\s*<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_REASON_KEYS = ("analysis", "reason", "comparison", "explanation")
+_REASON_KEYS = ("comparison_reason", "analysis", "reason", "comparison", "explanation")
 _NAME_KEYS = ("principle_name", "name", "principle", "id")
+# How HER's RL data builder reads the label: the verdict's value, whatever the JSON around it.
+HER_RM_VERDICT_REGEX = re.compile(r'"better_response"\s*:\s*"(cand_[12]|tie)"')
 
 
 def _strip_think(text: str) -> str:
@@ -316,7 +360,8 @@ def _strip_think(text: str) -> str:
 
 
 def _her_rm_record(data: dict[str, Any]) -> dict[str, Any]:
-    """The judgment object: the document itself, or the first entry of its ``result`` list."""
+    """The judgment object: the document itself (HER-RM's training target), or the first entry of a
+    ``result`` list (the wrapper of HER's prompt example)."""
     result = data.get("result")
     if result is None:
         return data
@@ -343,15 +388,32 @@ def _first_text(item: dict[str, Any], keys: tuple[str, ...]) -> str:
     return next((str(item[k]) for k in keys if isinstance(item.get(k), str | int) and str(item[k]).strip()), "")
 
 
+def _performance(item: dict[str, Any], slot: str) -> str:
+    return _first_text(item, (f"{slot}_performance", f"{slot}_analysis"))
+
+
 def parse_her_rm(text: str) -> ParsedJudgment:
-    """Read HER-RM output in any shape it writes: bare or fenced JSON, optionally after a
-    ``<think>`` block; the judgment at the top level or inside ``{"result": [...]}``; per-principle
-    winners in ``analysis.principle_comparisons`` (or a top-level list). Principle names are kept
-    as given (HER-RM invents its principles)."""
-    record = _her_rm_record(_first_json_object(_strip_think(text)))
-    verdict = _her_rm_slot(record.get("better_response", ""))
-    if verdict is None:
-        raise JudgeOutputError(f"better_response is {record.get('better_response')!r}, not cand_1, cand_2 or tie")
+    """Read HER-RM output in any shape it writes: its training target (a fenced record, the verdict
+    last), optionally after a ``<think>`` block (the RL stage), bare or inside ``{"result": [...]}``
+    (its prompt's example); per-principle winners, reasons (``comparison_reason``) and each
+    candidate's performance from ``analysis.principle_comparisons``. Principle names are kept as given
+    (HER-RM invents its principles). An answer whose JSON does not parse (echoed dialogue with
+    unescaped quotes) still gives its verdict, read as HER reads it (`HER_RM_VERDICT_REGEX`, the last
+    match: the verdict closes the record), with ``parse="regex"`` and no comparisons. A verdict that
+    appears only inside ``<think>`` is never taken."""
+    answer = _strip_think(text)
+    try:
+        record = _her_rm_record(_first_json_object(answer))
+        verdict = _her_rm_slot(record.get("better_response", ""))
+        if verdict is None:
+            raise JudgeOutputError(
+                f"better_response is {record.get('better_response')!r}, not cand_1, cand_2 or tie")
+    except JudgeOutputError:
+        # e.g. the scan found only an inner object of a record that does not parse as a whole
+        found = HER_RM_VERDICT_REGEX.findall(answer)
+        if not found:
+            raise
+        return ParsedJudgment(verdict=_HER_RM_SLOTS[found[-1]], comparisons=[], parse="regex")  # type: ignore[arg-type]
     comparisons = []
     for item in _her_rm_entries(record):
         if not isinstance(item, dict):
@@ -359,10 +421,8 @@ def parse_her_rm(text: str) -> ParsedJudgment:
         slot = _her_rm_slot(item.get("winner", ""))
         if slot is None:
             continue
-        reason = _first_text(item, _REASON_KEYS) or " / ".join(
-            f"{side}: {item[f'{side}_analysis']}" for side in ("cand_1", "cand_2") if item.get(f"{side}_analysis")
-        )
-        comparisons.append((_first_text(item, _NAME_KEYS), slot, reason))
+        comparisons.append(SlotComparison(_first_text(item, _NAME_KEYS), slot, _first_text(item, _REASON_KEYS),
+                                          _performance(item, "cand_1"), _performance(item, "cand_2")))
     return ParsedJudgment(verdict=verdict, comparisons=comparisons)
 
 

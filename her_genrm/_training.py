@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from her_roleplay import strip_system_thinking
+from her_roleplay import for_judging
 
 from ._templates import MAX_PRINCIPLES, MIN_PRINCIPLES, REASON_MAX_CHARS, CompactTemplate, Slot, render_compact
 from ._types import LabelledPair, Mode, Winner
@@ -38,7 +38,7 @@ def training_examples(
     Raises ValueError for a cot example whose comparisons the output schema would not allow
     (fewer than 3 or more than 5, or an id outside the template's library).
     """
-    a, b = strip_system_thinking(pair.a), strip_system_thinking(pair.b)
+    a, b = for_judging(pair.a), for_judging(pair.b)
     rows = []
     for a_first in ([True, False] if swap else [True]):
         first, second = (a, b) if a_first else (b, a)

@@ -33,6 +33,8 @@ class Comparison(BaseModel):
     principle: str
     winner: Winner
     reason: str = ""
+    a_performance: str = Field("", description="how candidate a did on this principle (judges that write it)")
+    b_performance: str = Field("", description="how candidate b did on this principle")
 
 
 class Usage(BaseModel):
@@ -62,6 +64,8 @@ class OrderResult(BaseModel):
     pattern: Pattern | None = None
     raw: str | None = None
     error: str | None = None
+    parse: Literal["json", "regex"] | None = Field(
+        None, description='cot: how the answer was read; "regex": not valid JSON, its verdict read as HER reads it')
     usage: Usage = Field(default_factory=Usage)
 
 

@@ -400,6 +400,17 @@ def strip_system_thinking(text: str) -> str:
     return text
 
 
+# The variants HER's RM data builders also remove from candidates: a short-named plan and over-long inner
+# thoughts (a tag of HER's synthesis data). Neither is part of our format, so a plain pattern finds them.
+_JUDGE_HIDDEN = re.compile(r"<(system_think|long_role_thinking)>.*?</\1>", re.DOTALL)
+
+
+def for_judging(text: str) -> str:
+    """A candidate as a judge gets it: every plan block HER strips (``system_thinking``, ``system_think``)
+    and ``long_role_thinking`` removed, ends trimmed; role thinking, actions and speech kept."""
+    return _JUDGE_HIDDEN.sub("", strip_system_thinking(text)).strip()
+
+
 def _visible(reply: Reply) -> Reply:
     return Reply(None, tuple(seg for seg in reply.segments if seg.kind != "thinking"))
 

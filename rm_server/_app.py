@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from her_engines import Engine, EngineKind, build_engine, model_fingerprint
-from her_genrm import GenRM, genrm_config_for
+from her_genrm import GenRM, build_genrm
 from her_roleplay import PrincipleLibrary, default_library
 
 from ._auth import require_key
@@ -215,8 +215,8 @@ def build_app(
     telemetry.set_model(settings.model if engine is None else engine.model_id, kind, _package_version())
 
     def make_genrm(loaded: Engine) -> GenRM:
-        config = genrm_config_for(settings.model, settings.principle_detail, library.version)
-        return GenRM.from_paths(loaded, principles=library, her_rm_template=settings.her_rm_template, config=config)
+        return build_genrm(loaded, settings.model, principles=library, principle_detail=settings.principle_detail,
+                           her_rm_template=settings.her_rm_template, her_rm_stage=settings.her_rm_stage)
 
     fatal_sent: list[str] = []
 

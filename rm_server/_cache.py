@@ -175,7 +175,8 @@ def _mpat(p: Pattern | None) -> Pattern | None:
 
 
 def _mcomps(comps: list[Comparison]) -> list[Comparison]:
-    return [c.model_copy(update={"winner": _WINNER_MIRROR[c.winner]}) for c in comps]
+    return [c.model_copy(update={"winner": _WINNER_MIRROR[c.winner], "a_performance": c.b_performance,
+                                 "b_performance": c.a_performance}) for c in comps]
 
 
 def _morder(o: OrderResult) -> OrderResult:
@@ -195,7 +196,7 @@ def mirror_verdict(v: Verdict) -> Verdict:
     """The same judgment seen with a and b exchanged.
 
     Winners a↔b (tie stays), ``p_a → 1 - p_a``, each order's outcome probabilities a↔b, pattern
-    all_a↔all_b, every comparison's winner, and
+    all_a↔all_b, every comparison's winner and its a/b performances, and
     each order's ``a_first`` flipped. ``consistent``, status, usage and metadata are unchanged. Applying
     it twice gives the input back (``p_a`` up to float rounding of ``1 - (1 - p)``).
     """

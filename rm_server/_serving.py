@@ -197,8 +197,8 @@ class JudgeService:
         """One verdict: from the cache, else from the model (and then cached if ok)."""
         self._serving_genrm()
         try:
-            self.genrm.template(req.template)
-        except ValueError as exc:  # unknown or unconfigured template: the caller's to fix
+            self.genrm.check(req)
+        except ValueError as exc:  # unknown or unconfigured template, or a mode it lacks: the caller's to fix
             raise InvalidRequest(str(exc)) from None
         key, flipped = self._cache_key(req)
         if use_cache:

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from her_engines import EngineSettings
-from her_genrm import PrincipleDetail
+from her_genrm import HerRMStage, PrincipleDetail
 
 
 class ServerSettings(BaseSettings, EngineSettings):
@@ -35,6 +35,9 @@ class ServerSettings(BaseSettings, EngineSettings):
     none (judges trained by `her train genrm`). Unset: what the model folder's judge card says, else ids."""
     her_rm_template: str | None = None
     """Template file of the released HER-RM judge; enables template=her-rm."""
+    her_rm_stage: HerRMStage = "sft"
+    """Which HER-RM checkpoint is served: sft (after reward SFT) or rl (after reward RL: HER's RL-stage request
+    is appended to the prompt, and the judge reasons in <think> before its answer)."""
     api_keys: list[SecretStr] = Field(default_factory=list)
     """Bearer keys, comma-separated: RM_API_KEY (the name the clients read too) or RM_API_KEYS. Empty: auth
     off."""

@@ -168,6 +168,9 @@ class JudgeTelemetry:
         self._parse_failures = Counter(
             "rm_parse_failures", "Judge orders whose output gave no verdict (unparseable or engine error).",
             registry=r)
+        self._regex_parses = Counter(
+            "rm_parse_regex_fallbacks", "Judge orders whose answer was not valid JSON but whose verdict was read "
+            "as HER reads it (a regex on better_response): per-principle detail lost.", registry=r)
         self._probes_total = Counter(
             "rm_hack_probes", "Canary probes judged, by what the judge preferred (real|degenerate|tie) or error.",
             ["preferred"], registry=r)
@@ -230,6 +233,8 @@ class JudgeTelemetry:
             contrib = _contributions(verdict, len_a, len_b)
             if contrib[_ERR_ORDERS]:
                 self._parse_failures.inc(contrib[_ERR_ORDERS])
+            if regex_orders := sum(o.parse == "regex" for o in verdict.orders):
+                self._regex_parses.inc(regex_orders)
             self._judgments.append(contrib)
             sums = self._sums
             for i, v in enumerate(contrib):

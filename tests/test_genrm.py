@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from _pairs import fixture_pairs
 
 from her_engines import ChatMessage, GenResult
 from her_genrm import (
+    HER_RM_RL_SUFFIX,
     CompactTemplate,
     GenRM,
     HerRMTemplate,
@@ -111,45 +113,42 @@ async def test_fast_mode_probabilities_sum_to_one(genrm, engine, pairs16):
 
 
 @pytest.mark.model
-async def test_her_rm_template_with_the_real_model_is_ok_or_a_clear_error(engine, tmp_path, pairs16):
-    path = tmp_path / "her_rm.txt"
-    path.write_text(OUR_HER_RM_TEMPLATE)
-    genrm = GenRM.from_paths(engine, her_rm_template=path)
-    genrm.config.her_rm_max_tokens = 48
-    [v] = await genrm.judge(
-        [
-            JudgeRequest(
-                context=pairs16[0]["context"], a="Hello.", b="Good day, sir.", template="her-rm", swap=False
-            )
-        ]
-    )
-    if v.status == "error":
-        assert v.verdict is None and v.p_a is None and v.error
-    else:
-        assert v.verdict in ("a", "b", "tie")
-
-
-@pytest.mark.model
 async def test_cot_probabilities_are_not_the_outcome_table(cot_verdicts):
     priced = [o.p_a for v in cot_verdicts for o in v.orders]
     assert any(p not in (0.0, 0.5, 1.0) for p in priced)
 
 
 @pytest.mark.model
-async def test_her_rm_fast_scores_the_models_own_verdict_without_extra_instructions(engine, pairs16):
-    template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
-    genrm = GenRM(engine, her_rm_template=template)
-    req = JudgeRequest(context=pairs16[0]["context"], a=pairs16[0]["a"], b=pairs16[0]["b"], template="her-rm",
-                       mode="fast")
-    [(_, gen), _] = genrm.build_requests(req)
-    assert gen.messages == template.messages(req.context, req.a, req.b, fast=False)  # nothing appended
-    assert gen.prefill.endswith('"better_response": "') and gen.choices == ["cand_1", "cand_2", "tie"]
+async def test_her_rm_on_the_real_engine_prefills_the_echo_and_asks_the_rl_judge_to_think(engine, pairs16):
+    """SFT stage: one user turn (the template alone) and the answer opened as HER's target opens it, both
+    candidates echoed verbatim, so the model decodes only its principles, analysis and verdict. RL stage:
+    HER's RL-stage request appended and no prefill (that judge reasons first). Fast: refused."""
+    pair = pairs16[0]
+    sft = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    rl = HerRMTemplate(OUR_HER_RM_TEMPLATE, stage="rl")
+    genrm = GenRM(engine, her_rm_template=sft)
+    genrm.config.her_rm_max_tokens = 48
+    req = JudgeRequest(context=pair["context"], a=pair["a"], b=pair["b"], template="her-rm", swap=False)
+    [(_, gen)] = genrm.build_requests(req)
+    assert gen.messages == sft.messages(req.context, req.a, req.b, fast=False) and len(gen.messages) == 1
+    assert gen.prefill == ('```json\n{\n  "cand_1": ' + json.dumps(req.a, ensure_ascii=False) + ',\n  "cand_2": '
+                           + json.dumps(req.b, ensure_ascii=False) + ',\n  "principle": {')
+    assert gen.max_tokens == 48
     [v] = await genrm.judge([req])
-    assert v.status == "ok", v.error
-    for order in v.orders:
-        assert sum(order.probs.values()) == pytest.approx(1.0)
-    # cand_1 and cand_2 share their first token; the walk splits them where they diverge
-    assert len({round(o.probs["a"], 6) for o in v.orders} | {round(o.probs["b"], 6) for o in v.orders}) > 1
+    [order] = v.orders
+    assert order.raw.startswith(gen.prefill) and len(order.raw) > len(gen.prefill)  # the model wrote on
+    assert order.usage.completion_tokens <= 48
+    assert v.status == "ok" or "max_tokens" in v.error  # 48 tokens rarely finish a record: a clear error
+
+    [(_, rl_gen)] = GenRM(engine, her_rm_template=rl).build_requests(req)
+    assert rl_gen.messages[0].content == gen.messages[0].content + "\n" + HER_RM_RL_SUFFIX
+    assert rl_gen.prefill == "" and rl.template_hash != sft.template_hash
+
+    fast = req.model_copy(update={"mode": "fast"})
+    with pytest.raises(ValueError, match="no fast mode"):
+        genrm.check(fast)
+    [refused] = await genrm.judge([fast])
+    assert refused.status == "error" and "no fast mode" in refused.error and refused.p_a is None
 
 
 @pytest.mark.model
@@ -284,22 +283,67 @@ HER_RM_SHAPES = Path(__file__).parent / "data" / "her_rm"
     [
         ("training_target.txt", "a", "mixed", ["Stays inside the character", "Inner thoughts stay private",
                                                "Answers what was just said"]),
-        ("after_rl_think.txt", "b", "all_b", ["Stays inside the character", "Concrete visible action",
-                                              "Period-appropriate language"]),
+        ("after_rl_think.txt", "b", "all_b", ["Concrete visible action", "Period-appropriate language",
+                                              "Stays inside the character"]),
         ("bare_result_wrapper.txt", "tie", "tie", ["Consistent with the scene", "Emotional depth", "Natural speech"]),
     ],
 )
 def test_every_her_rm_output_shape_gives_verdict_comparisons_and_pattern(name, verdict, pattern, principles):
+    """HER-RM's real shapes (tests/data/her_rm/make_shapes.py): per-principle winners, HER's
+    comparison_reason as the reason and each candidate's performance, mapped to a/b in either order."""
     g = _genrm_without_engine()
     g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
     g.config.verdict_logprobs = 0
     text = (HER_RM_SHAPES / name).read_text()
+    record = json.loads(text[text.index("{"):text.rindex("}") + 1]) if name != "after_rl_think.txt" else None
     order = g._read_order(JudgeRequest(context="x", a="1", b="2", template="her-rm"), True, GenResult(text=text))
-    assert order.status == "ok", order.error
+    assert order.status == "ok" and order.parse == "json", order.error
     assert (order.winner, order.pattern, order.principles) == (verdict, pattern, principles)
-    assert all(c.reason for c in order.comparisons) or name != "training_target.txt"
+    assert all(c.reason and c.a_performance and c.b_performance for c in order.comparisons)
+    if record is not None:  # the record as written: reasons and performances are HER's fields
+        record = record.get("result", [record])[0]
+        [first] = record["analysis"]["principle_comparisons"][:1]
+        assert order.comparisons[0].reason == first["comparison_reason"]
+        assert order.comparisons[0].a_performance == first["cand_1_performance"]
     swapped = g._read_order(JudgeRequest(context="x", a="1", b="2", template="her-rm"), False, GenResult(text=text))
     assert swapped.winner == {"a": "b", "b": "a", "tie": "tie"}[verdict]
+    assert [(c.a_performance, c.b_performance) for c in swapped.comparisons] == [
+        (c.b_performance, c.a_performance) for c in order.comparisons]
+
+
+def test_the_sft_fixture_is_the_shape_hers_builder_writes():
+    """Fence, 2-space indent, HER's key order with better_response last, principles keyed "Principle N"."""
+    text = (HER_RM_SHAPES / "training_target.txt").read_text().rstrip("\n")
+    assert text.startswith("```json\n{\n  \"cand_1\": ") and text.endswith("\n}\n```")
+    record = json.loads(text.removeprefix("```json\n").removesuffix("\n```"))
+    assert list(record) == ["cand_1", "cand_2", "principle", "analysis", "better_response"]
+    assert list(record["principle"]) == ["Principle 1", "Principle 2", "Principle 3"]
+    assert list(record["analysis"]) == ["principle_comparisons", "overall_analysis", "principle_summary"]
+    assert list(record["analysis"]["principle_comparisons"][0]) == [
+        "principle_name", "principle_level", "cand_1_performance", "cand_2_performance", "comparison_reason", "winner"]
+
+
+def test_broken_json_with_the_verdict_present_is_read_as_her_reads_it():
+    """Unescaped quotes in an echoed candidate break the JSON; the verdict is still there: status ok, parse
+    "regex", no per-principle detail, counted on /metrics."""
+    from rm_server._telemetry import JudgeTelemetry
+
+    g = _genrm_without_engine()
+    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    g.config.verdict_logprobs = 0
+    text = (HER_RM_SHAPES / "broken_json_quotes.txt").read_text()
+    req = JudgeRequest(context="x", a="1", b="2", template="her-rm", swap=False)
+    order = g._read_order(req, True, GenResult(text=text))
+    assert (order.status, order.winner, order.parse, order.comparisons) == ("ok", "b", "regex", [])
+    telemetry = JudgeTelemetry()
+    telemetry.record_verdict(g.combine(req, [order]), len_a=1, len_b=1)
+    assert "rm_parse_regex_fallbacks_total 1.0" in telemetry.render()[0].decode()
+
+
+def test_a_verdict_only_inside_think_is_refused():
+    text = '<think>\nMaybe "better_response": "cand_1" fits.\n</think>\nI cannot decide between them.'
+    with pytest.raises(JudgeOutputError):
+        parse_her_rm(text)
 
 
 def test_an_unclosed_think_block_is_a_clear_error():
@@ -307,12 +351,14 @@ def test_an_unclosed_think_block_is_a_clear_error():
         parse_her_rm('<think>\nLet me weigh {"better_response": "cand_1"}')
 
 
-def test_her_rm_budget_grows_with_the_candidates_it_repeats():
+@pytest.mark.parametrize(("stage", "growth"), [("sft", 0), ("rl", 1000)])
+def test_her_rm_budget_grows_with_the_candidates_it_must_repeat(stage, growth):
+    """SFT stage: the echo is prefilled, the budget is the analysis'; RL stage: the model writes the echo too."""
     g = _genrm_without_engine()
-    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE, stage=stage)
     short, long = (g.build_requests(JudgeRequest(context="x", a=a, b="b", template="her-rm", mode="cot",
                                                  swap=False))[0][1].max_tokens for a in ("a", "x" * 3000))
-    assert long - short == 1000 and short >= 2048
+    assert long - short == growth and short >= 2048
 
 
 def _tokens(*steps):
@@ -486,14 +532,23 @@ def test_her_rm_candidate_cannot_pull_in_the_other_placeholder():
     assert "I say {cand_2} and {context}" in msg.content
 
 
-def test_system_thinking_is_stripped_before_judging():
+def test_every_plan_variant_her_strips_is_stripped_before_judging():
+    """system_thinking, system_think and long_role_thinking go (as HER's RM builders strip them), in both
+    templates; role thinking, actions and speech stay."""
     g = _genrm_without_engine()
-    a = "<system_thinking>Portray him as smug; SECRET PLAN</system_thinking>Good day."
-    built = g.build_requests(JudgeRequest(context="x", a=a, b="Hello."))
-    assert len(built) == 2
-    for _, gen in built:
-        text = "\n".join(m.content for m in gen.messages)
-        assert "SECRET PLAN" not in text and "Good day." in text
+    g.her_rm_template = HerRMTemplate(OUR_HER_RM_TEMPLATE)
+    a = ("<system_thinking>Portray him as smug; SECRET PLAN</system_thinking>"
+         "<long_role_thinking>LONG INNER MONOLOGUE</long_role_thinking><role_thinking>I doubt him.</role_thinking>"
+         "<role_action>bows</role_action>Good day.")
+    b = "<system_think>SHORT PLAN</system_think>Hello."
+    for template in ("compact", "her-rm"):
+        built = g.build_requests(JudgeRequest(context="x", a=a, b=b, template=template, mode="cot"))
+        assert len(built) == 2
+        for _, gen in built:
+            text = "\n".join(m.content for m in gen.messages) + gen.prefill
+            assert not {"SECRET PLAN", "LONG INNER MONOLOGUE", "SHORT PLAN"} & set(re.findall(r"[A-Z ]{8,}", text))
+            assert "<role_thinking>I doubt him.</role_thinking><role_action>bows</role_action>Good day." in text
+            assert "Hello." in text
 
 
 def test_both_orders_share_the_context_prefix():
