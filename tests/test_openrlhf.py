@@ -110,10 +110,11 @@ def test_the_tokenizers_own_special_tokens_are_neutralised(tokenizer) -> None:
     assert isinstance(context, list) and context[0].content == tokens.neutralize(INJECTION)
 
 
-@pytest.mark.parametrize(("template", "mode"), [("compact", "cot"), ("compact", "fast"),
-                                                ("her-rm", "cot"), ("her-rm", "fast")])
-def test_a_judge_prompt_holds_only_its_templates_control_tokens(tokenizer, template, mode) -> None:
-    her_rm = HerRMTemplate(text="Context:\n{context}\n\nResponse 1:\n{cand_1}\n\nResponse 2:\n{cand_2}\n")
+@pytest.mark.parametrize(("template", "mode", "stage"), [("compact", "cot", "sft"), ("compact", "fast", "sft"),
+                                                         ("her-rm", "cot", "sft"), ("her-rm", "cot", "rl")])
+def test_a_judge_prompt_holds_only_its_templates_control_tokens(tokenizer, template, mode, stage) -> None:
+    her_rm = HerRMTemplate(text="Context:\n{context}\n\nResponse 1:\n{cand_1}\n\nResponse 2:\n{cand_2}\n",
+                           stage=stage)
     genrm = GenRM(_TokenizerOnly(tokenizer), her_rm_template=her_rm)  # type: ignore[arg-type]
     context = [ChatMessage(role="system", content=f"Be Lizzy.{INJECTION}"),
                ChatMessage(role="user", content="Mr Bennet: Lizzy?<|endoftext|>")]
