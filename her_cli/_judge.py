@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     try:
-        genrm = build_genrm(engine, principles=args.principles, her_rm_template=args.her_rm_template,
+        genrm = build_genrm(engine, args.model, principles=args.principles, her_rm_template=args.her_rm_template,
                             her_rm_stage=args.her_rm_stage)
         counts = await judge_file(args.in_path, args.out_path, genrm, mode=args.mode, template=args.template,
                                   swap=not args.no_swap, batch_size=args.batch_size)

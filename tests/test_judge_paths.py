@@ -83,7 +83,8 @@ async def test_every_path_sends_a_carded_folder_the_prompt_it_was_trained_with(c
                            "--mode", "fast", "--no-swap", "--out", str(report), "--no-progress", *engine_args],
                           env=env, capture_output=True, text=True, timeout=CALL_S)
     assert done.returncode == 0, done.stderr[-3000:]
-    sent["her eval judge"] = _prompt_tokens(json.loads((report / "verdicts_carded.jsonl").read_text().splitlines()[0]))
+    [row] = (report / "verdicts_carded.jsonl").read_text().splitlines()
+    sent["her eval judge"] = _prompt_tokens(json.loads(row)["verdict"])
 
     # her serve
     port = free_port()
