@@ -107,7 +107,7 @@ def test_training_examples_mirror_slots_and_parse_as_served_answers(othello_pair
             parsed = parse_compact(target, set(library.ids()))
             assert parsed.verdict == winner_slot[row["a_first"]]
             assert parsed.comparisons[0][1] == winner_slot[row["a_first"]]
-            assert all(len(reason) <= REASON_MAX_CHARS for _, _, reason in parsed.comparisons)
+            assert all(len(c.reason) <= REASON_MAX_CHARS for c in parsed.comparisons)
             assert ": " not in target and ", " not in target.split('"reason"')[0]  # compact like the decoder
     # the shown candidates swap between the orders
     assert rows[0]["prompt"][1]["content"] != rows[2]["prompt"][1]["content"]
