@@ -127,6 +127,7 @@ class GenRM:
     def build_requests(self, req: JudgeRequest) -> list[tuple[bool, GenRequest]]:
         """(a_first, engine request) for each presentation order of one pair. Its texts are neutralised
         first: none of them can spell a control token of the judge's template."""
+        self.check(req)
         template = self.template(req.template)
         neutralize = self.control_tokens.neutralize
         a, b = neutralize(for_judging(req.a)), neutralize(for_judging(req.b))

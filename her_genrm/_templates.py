@@ -230,9 +230,7 @@ class HerRMTemplate:
 
     def messages(self, context: list[ChatMessage] | str, first: str, second: str, *, fast: bool) -> list[ChatMessage]:
         """The operator's template with the inputs filled in, as HER's builders fill it (one user turn),
-        plus the RL-stage request for an ``rl`` judge."""
-        if fast:
-            raise ValueError(HER_RM_NO_FAST)
+        plus the RL-stage request for an ``rl`` judge. (No fast mode: `GenRM.check` refuses it.)"""
         values = {"{context}": render_context(context), "{cand_1}": first, "{cand_2}": second}
         pattern = re.compile("|".join(re.escape(p) for p in HER_RM_PLACEHOLDERS))
         prompt = pattern.sub(lambda m: values[m.group(0)], self.text)
