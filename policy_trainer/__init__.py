@@ -3,13 +3,13 @@ and TRL GRPO / SFT entry points (`her train`) with DeepSpeed configs."""
 
 from typing import Any
 
-from ._adapters import compute_score, compute_score_async, compute_score_batch
 from ._data import DataSpec, load_grpo_dataset, load_sft_dataset
 from ._grpo import GRPORun, GRPORunConfig, RewardOutageGuard, RewardServiceDown
 from ._resilience import CircuitBreaker
 from ._reward_client import RewardClient, RewardClientConfig, RewardStats
 from ._setup import ConfigError, ModelSpec, TrainResult
 from ._sft import SFTRun, SFTRunConfig
+from ._verl import compute_score, compute_score_async, compute_score_batch
 
 __all__ = [
     "CircuitBreaker",
@@ -36,10 +36,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The callback subclasses transformers' TrainerCallback: build it on first use so that
-    # importing the reward client stays light.
+    # The callback subclasses transformers' TrainerCallback, whose import pulls in torch (~4 s): import it
+    # on first use so that importing the reward client stays light.
     if name == "RewardClientMetricsCallback":
-        from ._adapters import _metrics_callback_class
+        from ._trl import RewardClientMetricsCallback
 
-        return _metrics_callback_class()
+        return RewardClientMetricsCallback
     raise AttributeError(f"module 'policy_trainer' has no attribute {name!r}")

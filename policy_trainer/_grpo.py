@@ -286,7 +286,6 @@ class GRPORun:
 
 def _metrics_callback(client: RewardClient) -> Any:
     """The client's running counters (retries, failures, circuit opens) in every training log."""
-    from . import _adapters
+    from ._trl import RewardClientMetricsCallback
 
-    callback_cls = getattr(_adapters, "RewardClientMetricsCallback", None)
-    return callback_cls(client) if callback_cls is not None else None
+    return RewardClientMetricsCallback(client)

@@ -48,7 +48,6 @@ from tenacity import RetryCallState
 from her_genrm import api_key_from_env, format_violations
 from her_roleplay import strip_system_thinking
 
-from ._adapters import completion_text, context_of, group_key, reference_text
 from ._resilience import (
     RETRY_STATUSES,
     SPLIT_STATUSES,
@@ -64,6 +63,7 @@ from ._resilience import (
     transport_kind,
 )
 from ._reward_config import RewardClientConfig, RewardStats
+from ._shapes import completion_text, context_of, group_key, reference_text
 
 log = logging.getLogger("policy_trainer.reward_client")
 

@@ -19,6 +19,6 @@ path, is used). A rollout the server cannot judge raises RuntimeError, since 0.0
 reward: verl's v1 trainer then leaves that rollout out (its legacy trainer stops the step).
 """
 
-from policy_trainer._adapters import compute_score, compute_score_async, compute_score_batch
+from policy_trainer._verl import compute_score, compute_score_async, compute_score_batch
 
 __all__ = ["compute_score", "compute_score_async", "compute_score_batch"]

@@ -189,8 +189,9 @@ def test_trainer_loaders_read_the_jsonl_as_is(exported):
 def test_verl_rows_feed_the_reward_functions_row_reading(exported):
     import pandas as pd
 
-    from policy_trainer._adapters import _verl_batch, context_of, reference_text
     from policy_trainer._reward_client import RewardClient
+    from policy_trainer._shapes import context_of, reference_text
+    from policy_trainer._verl import _verl_batch
 
     out, _ = exported
     rows = pd.read_parquet(out / "verl" / "validation.parquet")  # numpy arrays, as verl hands them over

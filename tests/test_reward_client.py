@@ -22,7 +22,8 @@ from _pairs import fixture_pairs
 from _servers import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from policy_trainer import _adapters
+import policy_trainer
+from policy_trainer import RewardClientMetricsCallback, _verl
 from policy_trainer._resilience import CircuitBreaker
 from policy_trainer._reward_client import RewardClient, RewardClientConfig
 
@@ -279,7 +280,9 @@ async def test_metrics_callback_adds_counters_to_trainer_logs():
     with fault_server() as fs:
         client = _client(fs.url)
         await client(["p"], [GOOD], reference=["r"])
-        callback = _adapters.RewardClientMetricsCallback(client)
+        callback = RewardClientMetricsCallback(client)
+        # one class, found by pickle under its public name
+        assert pickle.loads(pickle.dumps(type(callback))) is policy_trainer.RewardClientMetricsCallback
         state = SimpleNamespace(log_history=[{"loss": 1.0}])
         logs = {"loss": 1.0}
         callback.on_log(None, state, None, logs=logs)
@@ -325,7 +328,7 @@ def test_trl_grpo_trainer_calls_the_async_client(tmp_path):
 
 def _verl_module():
     """Load verl_reward.py by path, the way verl's custom_reward_function.path does."""
-    path = Path(_adapters.__file__).with_name("verl_reward.py")
+    path = Path(_verl.__file__).with_name("verl_reward.py")
     spec = importlib.util.spec_from_file_location("custom_module", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -353,9 +356,9 @@ def test_verl_compute_score_contract(monkeypatch):
         with pytest.raises(RuntimeError, match="no reward for 1 of 1"):  # never a silent 0.0
             verl.compute_score("coser", GOOD, "ref", {"prompt": "p"}, **kw)
         assert asyncio.run(verl.compute_score_async("coser", GOOD, "ref", {"prompt": "p"}, **kw)) == 0.75
-    for client in _adapters._clients.values():
+    for client in _verl._clients.values():
         client.close()
-    _adapters._clients.clear()
+    _verl._clients.clear()
 
 
 # ---------------------------------------------------------------------- the real rm_server

@@ -72,7 +72,7 @@ def policy_rows(tmp_path_factory) -> Path:
 def test_readme_keys_reach_verls_loader():
     from verl.trainer.ppo.reward import get_custom_reward_fn, resolve_reward_manager_cls
 
-    from policy_trainer._adapters import compute_score, compute_score_async
+    from policy_trainer._verl import compute_score, compute_score_async
 
     cfg = _compose(*README_OVERRIDES)
     fn = get_custom_reward_fn(cfg)
@@ -197,11 +197,11 @@ class VerlSide:
         return DataProto(batch=tensors, non_tensor_batch=columns)
 
     def close(self) -> None:
-        from policy_trainer import _adapters
+        from policy_trainer import _verl
 
-        for client in _adapters._clients.values():  # the worker's clients live on its loop
+        for client in _verl._clients.values():  # the worker's clients live on its loop
             self.thread.submit(lambda c=client: self.worker.loop.run_until_complete(c.aclose())).result()
-        _adapters._clients.clear()
+        _verl._clients.clear()
         self.thread.shutdown()
 
 

@@ -1,148 +1,25 @@
-"""Adapters: the shapes trainers hand over, and how existing trainers plug in without code changes.
+"""verl: `compute_score` / `compute_score_async` (and `compute_score_batch` for verl's older batch manager)
+follow verl's custom reward function contract; point `reward.custom_reward_function.path` at
+`policy_trainer/verl_reward.py` (verl 0.9.1's key).
 
-- Input shapes: TRL gives reward functions plain strings or conversational message lists; verl gives
-  strings plus an `extra_info` dict. `context_of` / `completion_text` / `reference_text` /
-  `group_key` turn them into what `/v1/rewards` takes.
-- TRL: `RewardClient` is itself the reward function (async, picklable);
-  `RewardClientMetricsCallback(client)` adds the client's running counters to every `Trainer.log`.
-- verl: `compute_score` / `compute_score_async` (and `compute_score_batch` for verl's older batch
-  manager) follow verl's custom reward function contract; point
-  `reward.custom_reward_function.path` at `policy_trainer/verl_reward.py` (verl 0.9.1's key).
-- OpenRLHF needs no code: point `--reward.remote_url` (releases before the dotted CLI:
-  `--remote_rm_url`) at the server's `/get_reward`, with the reference reply as the dataset label.
+TRL needs no adapter (`RewardClient` is itself the reward function; `RewardClientMetricsCallback` adds its
+counters to the logs), nor does OpenRLHF: point `--reward.remote_url` (releases before the dotted CLI:
+`--remote_rm_url`) at the server's `/get_reward`, with the reference reply as the dataset label.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._shapes import PROMPT_KEY
+
 if TYPE_CHECKING:  # the client module imports this one; at run time it is imported where needed
     from ._reward_client import RewardClient
 
-ROLES = frozenset({"system", "user", "assistant"})
-PROMPT_KEY = "prompt"  # where verl's extra_info carries the conversation the rollout answers
 URL_ENV = "HER_RM_URL"
-
-
-# ---------------------------------------------------------------------- input shapes
-
-
-def _content_text(content: Any, where: str) -> str:
-    """Text of a message's content: a string, or a list of parts of which the text ones are joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        texts = []
-        for part in content:
-            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                raise TypeError(f"{where}: only text content parts can be judged, got {part!r:.80}")
-        return "".join(texts)
-    raise TypeError(
-        f"{where}: message content must be a string or a list of text parts, got {type(content).__name__}"
-    )
-
-
-def _messages(value: Sequence[Any], where: str) -> list[dict[str, str]]:
-    out = []
-    for k, message in enumerate(value):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise TypeError(f"{where}[{k}]: expected a {{'role', 'content'}} message, got {message!r:.80}")
-        role = message["role"]
-        if role not in ROLES:
-            raise ValueError(f"{where}[{k}]: role {role!r} cannot be judged; expected one of {sorted(ROLES)}")
-        out.append({"role": role, "content": _content_text(message["content"], f"{where}[{k}]")})
-    return out
-
-
-def context_of(prompt: Any, where: str = "prompt") -> str | list[dict[str, str]]:
-    """The judge context of a prompt: plain text stays text; chat messages become {role, content} dicts."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
-        return _messages(prompt, where)
-    raise TypeError(f"{where}: expected a string or a list of chat messages, got {type(prompt).__name__}")
-
-
-def completion_text(completion: Any, where: str = "completion") -> str:
-    """The rollout's text: a string as is, or the content of the last assistant message of a list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and not isinstance(completion, bytes):
-        messages = _messages(completion, where)
-        for message in reversed(messages):
-            if message["role"] == "assistant":
-                return message["content"]
-        raise ValueError(f"{where}: the message list holds no assistant message to judge")
-    raise TypeError(f"{where}: expected a string or a list of chat messages, got {type(completion).__name__}")
-
-
-def reference_text(reference: Any, where: str = "reference") -> str:
-    """A dataset's reference reply (same shapes as a completion); None is an error, not a default."""
-    if reference is None:
-        raise ValueError(f"{where} is missing (None): the reference strategy needs a reference reply per row")
-    return completion_text(reference, where)
-
-
-def group_key(context: str | list[dict[str, str]]) -> str:
-    """Identity of a prompt: hash of its canonical JSON, so equal prompts land in one group."""
-    blob = json.dumps(context, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
-
-
-# ---------------------------------------------------------------------- TRL
-
-
-def _metrics_callback_class() -> type:
-    from transformers import TrainerCallback
-
-    class RewardClientMetricsCallback(TrainerCallback):
-        """Adds `client.metrics()` (running counters: failures, retries, circuit opens…) to every log.
-
-        Per-call figures already reach TRL through its `log_metric` hook; this adds the cumulative
-        ones. Reporters (wandb, tensorboard) see them only if this callback runs before them:
-        `RewardClientMetricsCallback.install(trainer, client)` puts it first.
-        """
-
-        def __init__(self, client: RewardClient) -> None:
-            self.client = client
-
-        @classmethod
-        def install(cls, trainer: Any, client: RewardClient) -> Any:
-            callback = cls(client)
-            trainer.callback_handler.callbacks.insert(0, callback)
-            return callback
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
-        ) -> None:
-            if logs is None:
-                return
-            metrics = self.client.metrics()
-            logs.update(metrics)
-            # Trainer.log appended its record before calling back: keep the history complete too.
-            history = getattr(state, "log_history", None)
-            if history:
-                history[-1].update(metrics)
-
-    RewardClientMetricsCallback.__module__ = __name__
-    RewardClientMetricsCallback.__qualname__ = "RewardClientMetricsCallback"  # picklable by name
-    return RewardClientMetricsCallback
-
-
-def __getattr__(name: str) -> Any:
-    # The callback subclasses transformers' TrainerCallback, whose import pulls in torch (~4 s):
-    # build it on first use so that importing the client stays light.
-    if name == "RewardClientMetricsCallback":
-        cls = globals()[name] = _metrics_callback_class()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------- verl
@@ -316,17 +193,10 @@ def compute_score_batch(
 
 
 __all__ = [
-    "PROMPT_KEY",
-    "ROLES",
     "URL_ENV",
     "VERL_PASSED_KWARGS",
     "VERL_PROMPT_KEYS",
-    "RewardClientMetricsCallback",  # noqa: F822 - built on first access (module __getattr__)
-    "completion_text",
     "compute_score",
     "compute_score_async",
     "compute_score_batch",
-    "context_of",
-    "group_key",
-    "reference_text",
 ]
