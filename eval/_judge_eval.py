@@ -223,7 +223,7 @@ async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: 
                 "judge": spec.name,
                 "mode": mode,
                 "model": spec.model,
-                "engine": getattr(engine, "kind", "engine"),
+                "engine": engine.kind,
                 "model_id": engine.model_id,
                 "principle_detail": genrm.config.principle_detail,
                 "verdicts_file": f"verdicts_{name}.jsonl",

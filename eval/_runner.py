@@ -62,13 +62,24 @@ class TranscriptJudge(Protocol):
     ) -> TranscriptScore: ...
 
 
-class MeteredEngine:
+class MeteredEngine(Engine):
     """Wraps an engine and counts requests and tokens (the cost summary reads these)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.kind = engine.kind
         self.model_id = engine.model_id
+        self.continuous_batching = engine.continuous_batching
+        self.continues_turns = engine.continues_turns
         self.usage = Usage()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
 
     async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         results = await self.engine.generate(requests)
@@ -119,7 +130,7 @@ class EvalConfig:
 
 
 def _engine_name(engine: Engine | None) -> str | None:
-    return None if engine is None else f"{getattr(engine, 'kind', 'engine')}:{engine.model_id}"
+    return None if engine is None else f"{engine.kind}:{engine.model_id}"
 
 
 @dataclass

@@ -531,8 +531,8 @@ async def _line(
 
 def _can_continue(engine: Engine, request: GenRequest) -> bool:
     """Whether a reply can be generated in pieces: the engine continues an assistant turn (a request
-    that is prefilled already proves it; local vLLM and transformers engines always do)."""
-    return bool(request.prefill) or getattr(engine, "kind", None) in ("vllm", "transformers")
+    that is prefilled already proves it)."""
+    return bool(request.prefill) or engine.continues_turns
 
 
 async def _generate_line(

@@ -186,7 +186,7 @@ async def _coser(args: argparse.Namespace) -> int:
         return eng
 
     def name(eng) -> str:
-        return f"{getattr(eng, 'kind', 'engine')}:{eng.model_id}"
+        return f"{eng.kind}:{eng.model_id}"
 
     owned: list = []  # clients to close besides the engines
     try:

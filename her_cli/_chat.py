@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
                 transcript.write("session", scene_file=str(Path(args.scene).resolve()), scene_index=index,
                                  sample_id=scene.sample_id, book=scene.book, i_p=scene.i_p, i_c=scene.i_c,
                                  character=character, user_name=user_name, sampling=session.sampling,
-                                 engine=getattr(engine, "kind", type(engine).__name__), model=engine.model_id)
+                                 engine=engine.kind, model=engine.model_id)
                 return _converse(runner, session, transcript, args)
             finally:
                 transcript.close()

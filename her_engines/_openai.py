@@ -49,11 +49,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 from ._types import (
+    Engine,
     EngineBadRequest,
     EngineTimeout,
     EngineUnavailable,
@@ -63,11 +64,14 @@ from ._types import (
     TokenLogprobs,
 )
 
+if TYPE_CHECKING:
+    from ._settings import EngineSettings
+
 ConstraintStyle = Literal["vllm", "llama_cpp", "openai"]
 _STYLES: tuple[str, ...] = ("vllm", "llama_cpp", "openai", "auto")
 # One generated token as (text, logprob, [(alternative text, logprob), ...]).
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     """Engine backed by an OpenAI-compatible HTTP server.
 
     Args:
@@ -85,6 +89,14 @@ class OpenAIEngine:
 
     kind = "openai"
     continuous_batching = True  # the server batches whatever is in flight
+
+    @classmethod
+    def options_from(cls, settings: EngineSettings) -> dict[str, Any]:
+        """Constructor options from engine settings (unset ones left out)."""
+        if not settings.engine_base_url:
+            raise ValueError("engine=openai needs engine_base_url (RM_ENGINE_BASE_URL / --engine-base-url)")
+        key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+        return {"base_url": settings.engine_base_url, "api_key": key}
 
     def __init__(
         self,

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from ._factory import DEFAULT_MODEL, EngineChoice, EngineKind, create_engine, resolve_engine_kind
+from ._models import DEFAULT_MODEL
+from ._registry import EngineChoice, EngineKind, create_engine, engine_class, resolve_engine_kind
 from ._types import Engine
 
 log = logging.getLogger("her_engines")
@@ -55,23 +56,8 @@ class EngineSettings(BaseModel):
         return resolve_engine_kind(self.engine)
 
     def engine_options(self, kind: EngineKind) -> dict[str, Any]:
-        """Constructor options of backend `kind` from these settings (unset ones left out)."""
-        if kind == "openai":
-            if not self.engine_base_url:
-                raise ValueError("engine=openai needs engine_base_url (RM_ENGINE_BASE_URL / --engine-base-url)")
-            key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
-            return {"base_url": self.engine_base_url, "api_key": key}
-        if kind == "transformers":
-            return {"threads": self.threads} if self.threads is not None else {}
-        options = {
-            "dtype": self.dtype,
-            "max_model_len": self.max_model_len,
-            "enforce_eager": self.enforce_eager,
-            "kv_cache_gib": self.kv_cache_gib,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "tensor_parallel_size": self.tensor_parallel_size,
-        }
-        return {k: v for k, v in options.items() if v is not None}
+        """Constructor options of backend `kind` from these settings (the backend picks its own)."""
+        return engine_class(kind).options_from(self)
 
 
 def build_engine(settings: EngineSettings, kind: EngineKind | None = None) -> Engine:

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -46,10 +46,21 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from ._factory import DEFAULT_MODEL
-from ._models import ResolvedModel, ensure_hf_folder, resolve_model
+from ._models import DEFAULT_MODEL, ResolvedModel, ensure_hf_folder, resolve_model
 from ._prefix import PrefixKV, PrefixStore
-from ._types import EngineBadRequest, EngineError, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
+from ._types import (
+    Engine,
+    EngineBadRequest,
+    EngineError,
+    EngineUnavailable,
+    GenRequest,
+    GenResult,
+    TokenLogprobs,
+    render_chat,
+)
+
+if TYPE_CHECKING:
+    from ._settings import EngineSettings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GRAMMAR_CACHE_SIZE = 128
@@ -215,7 +226,7 @@ class _TokenLogprobRecorder(LogitsProcessor):
         return out
 
 
-class TransformersEngine:
+class TransformersEngine(Engine):
     """In-process HF model. Loads once in the constructor (blocking; a few seconds from the cached
     HF folder, ~30 s the first time a GGUF is converted).
 
@@ -230,6 +241,13 @@ class TransformersEngine:
 
     kind = "transformers"
     continuous_batching = False  # batches only what one generate() call brings
+    continues_turns = True
+    tokenizer: Any = None  # set once the model folder is loaded
+
+    @classmethod
+    def options_from(cls, settings: EngineSettings) -> dict[str, Any]:
+        """Constructor options from engine settings (unset ones left out)."""
+        return {"threads": settings.threads} if settings.threads is not None else {}
 
     def __init__(
         self,
@@ -319,16 +337,7 @@ class TransformersEngine:
 
     def render(self, req: GenRequest) -> str:
         """The exact prompt text the model continues (chat template applied, prefill included)."""
-        if req.messages is None:
-            return (req.prompt or "") + req.prefill
-        messages = [m.model_dump() for m in req.messages]
-        if req.prefill:
-            # The assistant turn stays open so the model continues the prefill.
-            messages.append({"role": "assistant", "content": req.prefill})
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    # ---- worker thread ----------------------------------------------------------------------
+        return render_chat(self.tokenizer, req)
 
     def _generate_sync(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult | None] = [None] * len(requests)

@@ -95,10 +95,46 @@ class Engine(Protocol):
     A failure of one request is reported in its own result (`finish_reason="error"`,
     `error=...`) where the backend allows it; a failure of the whole backend raises
     an `EngineError`.
+
+    What a caller may rely on beyond `generate` is declared here, so nobody guesses by name: a backend
+    that subclasses `Engine` inherits the defaults and overrides what it can do.
     """
 
+    kind: str
+    """The registry name of the backend (``vllm``, ``transformers``, ``openai``, ...)."""
     model_id: str
+    continuous_batching: bool = False
+    """Requests should reach `generate` as they arrive (the backend batches in flight), not in batches."""
+    continues_turns: bool = False
+    """A `prefill` is honoured on every model: the assistant turn is continued, never restarted."""
+
+    @classmethod
+    def gpus_needed(cls, settings: Any) -> float:
+        """GPUs one engine built from `settings` (`EngineSettings`) occupies; a scheduler reserves them."""
+        return 0.0
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer prompts are encoded with; None where the backend keeps it (a remote server)."""
+        return None
+
+    @property
+    def alive(self) -> bool:
+        """False once the backend was closed or died."""
+        return True
 
     async def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
 
     async def aclose(self) -> None: ...
+
+
+def render_chat(tokenizer: Any, req: GenRequest) -> str:
+    """The prompt text a local engine's model continues: its chat template applied, the assistant turn left
+    open when `req` is prefilled (the prefill is part of the text), else a generation prompt added."""
+    if req.messages is None:
+        return (req.prompt or "") + req.prefill
+    messages = [m.model_dump() for m in req.messages]
+    if req.prefill:
+        messages.append({"role": "assistant", "content": req.prefill})
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

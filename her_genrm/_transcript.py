@@ -617,7 +617,7 @@ class TranscriptScorer:
             for d in dims
         }
         # Scene and transcript text must not become control tokens of the judge's chat template.
-        control = ControlTokens.of(getattr(self.engine, "tokenizer", None))
+        control = ControlTokens.of(self.engine.tokenizer)
         prompts = {d: [m.model_copy(update={"content": control.neutralize(m.content)}) for m in messages]
                    for d, messages in prompts.items()}
         base_seed = scene.seed if seed is None else seed

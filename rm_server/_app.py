@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from her_engines import Engine, EngineKind, build_engine, model_fingerprint
+from her_engines import Engine, build_engine, engine_class, model_fingerprint
 from her_genrm import GenRM, build_genrm
 from her_roleplay import PrincipleLibrary, default_library
 
@@ -206,9 +206,9 @@ def build_app(
     cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
                         on_error=telemetry.record_cache_error)
     owns_engine = engine is None
-    kind: EngineKind = settings.resolved_engine() if engine is None else getattr(engine, "kind", settings.engine)
+    kind = settings.resolved_engine() if engine is None else engine.kind
     if settings.batching == "auto":
-        continuous = getattr(engine, "continuous_batching", False) if engine else kind in ("vllm", "openai")
+        continuous = (engine or engine_class(kind)).continuous_batching
     else:
         continuous = settings.batching == "continuous"
     service = JudgeService(settings=settings, cache=cache, telemetry=telemetry, continuous_batching=continuous)
@@ -251,7 +251,7 @@ def build_app(
         await service.start()
         tasks = []
         if engine is not None:
-            service.model_fingerprint = model_fingerprint(str(getattr(engine, "model_id", settings.model)))
+            service.model_fingerprint = model_fingerprint(engine.model_id)
             service.genrm = make_genrm(engine)
         else:
             tasks.append(asyncio.create_task(load_engine()))

@@ -38,6 +38,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from her_engines import engine_class
+
 from ._settings import ServerSettings
 
 log = logging.getLogger("rm_server.ray")
@@ -114,14 +116,7 @@ def without_ray_env() -> Iterator[None]:
 def resolved_num_gpus(settings: ServerSettings, ray_settings: RaySettings) -> float:
     if ray_settings.num_gpus is not None:
         return ray_settings.num_gpus
-    if settings.resolved_engine() != "vllm":
-        return 0.0
-    try:
-        import torch
-
-        return float(settings.tensor_parallel_size) if torch.cuda.is_available() else 0.0
-    except Exception:  # noqa: BLE001 - no torch, no CUDA: a CPU replica
-        return 0.0
+    return engine_class(settings.resolved_engine()).gpus_needed(settings)
 
 
 # --------------------------------------------------------------------------- the replica

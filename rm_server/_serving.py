@@ -108,7 +108,7 @@ class JudgeService:
         if self.genrm is None:
             return "loading"
         # An engine that can tell (vLLM) reports whether its processes still live.
-        if not getattr(self.genrm.engine, "alive", True):
+        if not self.genrm.engine.alive:
             self.fail("the judge engine died (its processes exited); restart the server")
             return "failed"
         if not self.batcher.running:
@@ -364,7 +364,7 @@ class JudgeService:
 
     def _end_of_turn(self) -> list[str]:
         """The judge tokenizer's end tokens, stripped from responses besides the common ones."""
-        tokenizer = getattr(self.genrm.engine, "tokenizer", None) if self.genrm is not None else None
+        tokenizer = self.genrm.engine.tokenizer if self.genrm is not None else None
         tokens = (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "pad_token", None))
         return [t for t in tokens if isinstance(t, str)]
 

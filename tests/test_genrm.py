@@ -13,7 +13,7 @@ import httpx
 import pytest
 from _pairs import fixture_pairs
 
-from her_engines import ChatMessage, GenResult
+from her_engines import ChatMessage, Engine, GenResult
 from her_genrm import (
     HER_RM_RL_SUFFIX,
     CompactTemplate,
@@ -205,8 +205,8 @@ def _order(a_first: bool, winner: str, comps=()) -> OrderResult:
 
 
 def _genrm_without_engine() -> GenRM:
-    class NoEngine:
-        model_id = "none"
+    class NoEngine(Engine):
+        kind, model_id = "none", "none"
 
     return GenRM(NoEngine())  # type: ignore[arg-type]
 

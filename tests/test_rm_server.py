@@ -15,7 +15,7 @@ from _servers import RedisProcess, serve_app
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
-from her_engines import GenRequest, GenResult
+from her_engines import Engine, GenRequest, GenResult
 from rm_server import ServerSettings, build_app
 
 pytestmark = pytest.mark.model
@@ -253,10 +253,10 @@ def test_auth_refusal_and_acceptance(engine, pairs):
 # ---------------------------------------------------------------- faults (injected engines)
 
 
-class SlowEngine:
+class SlowEngine(Engine):
     """Fault injector: answers like a judge that always picks slot A, after a delay."""
 
-    model_id = "slow-fake"
+    kind, model_id = "fake", "slow-fake"
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
