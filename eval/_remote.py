@@ -1,39 +1,31 @@
 """Score transcripts on a running rm_server (``POST /v1/score/transcript``).
 
-Transient failures (connection errors, 429, 5xx) are retried with exponential back-off (honouring a
-``Retry-After`` header); anything else, or running out of attempts, raises
-:class:`RemoteScoringError`, which the runner records as that sample's failure.
-
-Several servers (``--judge-url http://a:8000,http://b:8000``, or a list): requests take turns at the
-first URL they try, and one that meets a transient failure there goes on to the next URL at once; the
-back-off starts only after every URL failed. Each transcript's score comes from one response only.
+Requests go through :class:`her_genrm.RMTransport`, the same transport as the reward client: transient
+failures (transport errors, 408, 429, 5xx) are retried with backoff (a ``Retry-After`` is obeyed), each URL
+has a circuit breaker, and with several servers (``--judge-url http://a:8000,http://b:8000``, or a list)
+requests take turns at the first URL they try and pass on to the next after a transient failure, the
+backoff starting only once every URL failed. Each transcript's score comes from one response only.
+Anything else, or running out of attempts, raises :class:`RemoteScoringError`, which the runner records
+as that sample's failure.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from her_genrm import TranscriptScore
+from her_genrm import RMTransport, TranscriptScore
+from her_genrm._transport import Rejected, Retryable
 from her_roleplay import DialogueLine, Scene
 
 ROUTE = "/v1/score/transcript"
-_RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
 class RemoteScoringError(RuntimeError):
     """The scoring server refused the request or stayed unavailable."""
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -65,17 +57,13 @@ class RemoteTranscriptScorer:
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_urls = _split_urls(base_url)
+        self._transport = RMTransport(base_url, api_key=api_key, request_timeout_s=timeout_s, max_attempts=attempts,
+                                      retry_budget_s=float("inf"), http_transport=transport)
+        self.base_urls = list(self._transport.urls)
         self.base_url = ",".join(self.base_urls)
         self.attempts = attempts
         self.options = options or RemoteScorerOptions()
         self.model_id = f"remote:{self.base_url}"
-        self._clients = {
-            url: httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, transport=transport)
-            for url in self.base_urls
-        }
-        self._turn = itertools.count()
 
     async def score(
         self,
@@ -94,78 +82,17 @@ class RemoteTranscriptScorer:
             body["dimensions"] = list(dimensions)
         if seed is not None:
             body["seed"] = seed
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
-            stop=stop_after_attempt(self.attempts),
-            wait=_wait,
-            reraise=True,
-        )
+        return await self._post(body)
+
+    async def _post(self, body: dict[str, Any]) -> TranscriptScore:
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._post(body)
-        except _Retryable as exc:
+            return TranscriptScore.model_validate(await self._transport.post(ROUTE, body))
+        except Retryable as exc:
             raise RemoteScoringError(
                 f"{ROUTE} on {self.base_url} still failing after {self.attempts} attempts: {exc}"
             ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _post(self, body: dict[str, Any]) -> TranscriptScore:
-        """One attempt: the URLs in turn (from a rotating start) until one answers; the next URL gets the
-        request only after the previous one failed, so at most one answer is ever read."""
-        start = next(self._turn) % len(self.base_urls)
-        failure: _Retryable | None = None
-        for url in [*self.base_urls[start:], *self.base_urls[:start]]:
-            try:
-                return await self._post_to(url, body)
-            except _Retryable as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
-
-    async def _post_to(self, url: str, body: dict[str, Any]) -> TranscriptScore:
-        try:
-            resp = await self._clients[url].post(ROUTE, json=body)
-        except httpx.TransportError as exc:
-            raise _Retryable(f"{url}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code in _RETRY_STATUS:
-            raise _Retryable(f"{url}: HTTP {resp.status_code}: {_message(resp)}", _retry_after(resp))
-        if resp.status_code != 200:
-            raise RemoteScoringError(f"{url}{ROUTE} answered {resp.status_code}: {_message(resp)}")
-        return TranscriptScore.model_validate(resp.json())
+        except Rejected as exc:
+            raise RemoteScoringError(str(exc)) from None
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-
-
-def _split_urls(value: str | Sequence[str]) -> list[str]:
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    urls = list(dict.fromkeys(p.strip().rstrip("/") for p in parts if p and p.strip()))
-    if not urls:
-        raise ValueError(f"no judge URL in {value!r}")
-    return urls
-
-
-_backoff = wait_exponential_jitter(initial=1.0, max=30.0)
-
-
-def _wait(state: Any) -> float:
-    exc = state.outcome.exception() if state.outcome else None
-    after = getattr(exc, "retry_after", None)
-    return max(after or 0.0, _backoff(state))
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    try:
-        return min(60.0, float(resp.headers.get("retry-after", "")))
-    except ValueError:
-        return None
-
-
-def _message(resp: httpx.Response) -> str:
-    try:
-        err = resp.json().get("error", {})
-        return f"{err.get('type', '')}: {err.get('message', '')}".strip(": ") or resp.text[:300]
-    except (ValueError, AttributeError):
-        return resp.text[:300]
+        await self._transport.aclose()

@@ -61,6 +61,7 @@ from ._transcript import (
     render_transcript,
     transcript_score,
 )
+from ._transport import AFFINITY_HEADER, CircuitBreaker, RMTransport, TransportStats, split_urls
 from ._types import (
     Comparison,
     JudgeRequest,
@@ -75,6 +76,11 @@ from ._types import (
 )
 
 __all__ = [
+    "AFFINITY_HEADER",
+    "CircuitBreaker",
+    "RMTransport",
+    "TransportStats",
+    "split_urls",
     "API_KEY_ENV",
     "api_key_from_env",
     "MAX_INSTANCE_CHARS",

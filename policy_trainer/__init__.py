@@ -3,9 +3,10 @@ and TRL GRPO / SFT entry points (`her train`) with DeepSpeed configs."""
 
 from typing import Any
 
+from her_genrm import CircuitBreaker
+
 from ._data import DataSpec, load_grpo_dataset, load_sft_dataset
 from ._grpo import GRPORun, GRPORunConfig, RewardOutageGuard, RewardServiceDown
-from ._resilience import CircuitBreaker
 from ._reward_client import RewardClient, RewardClientConfig, RewardStats
 from ._setup import ConfigError, ModelSpec, TrainResult
 from ._sft import SFTRun, SFTRunConfig

@@ -37,31 +37,16 @@ import math
 import statistics
 import threading
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 from tenacity import RetryCallState
 
-from her_genrm import api_key_from_env, format_violations
+from her_genrm import RMTransport, api_key_from_env, format_violations
+from her_genrm._transport import Rejected, Retryable
 from her_roleplay import strip_system_thinking
 
-from ._resilience import (
-    RETRY_STATUSES,
-    SPLIT_STATUSES,
-    TRANSPORT_ERRORS,
-    CircuitBreaker,
-    CircuitOpen,
-    LoopThread,
-    Rejected,
-    Retryable,
-    error_message,
-    retry_after,
-    retrying,
-    transport_kind,
-)
 from ._reward_config import RewardClientConfig, RewardStats
 from ._shapes import completion_text, context_of, group_key, reference_text
 
@@ -82,15 +67,24 @@ class _Tally:
     retries: int = 0
 
 
-@dataclass
-class _LoopState:
-    clients: dict[str, httpx.AsyncClient]
-    semaphore: asyncio.Semaphore
+SPLIT_STATUSES = frozenset({413, 422})  # "this input is bad": worth isolating the bad unit
 
 
-# Ray Serve's session header (`RAY_SERVE_SESSION_ID_HEADER_KEY`): its consistent-hash router sends equal
-# values to one replica. Plain rm_server ignores it.
-AFFINITY_HEADER = "x-session-id"
+class LoopThread:
+    """A private event loop in a daemon thread, for synchronous callers (`score_sync`)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="reward-client-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
 
 
 def _pack(units: list[list[int]], size: int) -> list[list[list[int]]]:
@@ -144,19 +138,18 @@ class RewardClient:
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._breakers = {
-            url: CircuitBreaker(self.config.circuit_failure_threshold, self.config.circuit_reset_s)
-            for url in self.config.urls
-        }
-        # httpx clients and semaphores belong to one event loop: one of each per loop that calls us.
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
+        cfg = self.config
+        self._transport = RMTransport(
+            cfg.urls, api_key=self._api_key, request_timeout_s=cfg.request_timeout_s,
+            max_concurrency=cfg.max_concurrency, retry_budget_s=cfg.retry_budget_s, max_backoff_s=cfg.max_backoff_s,
+            circuit_failure_threshold=cfg.circuit_failure_threshold, circuit_reset_s=cfg.circuit_reset_s,
+            stats=self.stats, lock=self._lock,
         )
         self._worker: LoopThread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = {
-            k: v for k, v in self.__dict__.items() if k not in ("_lock", "_breakers", "_loops", "_worker")
+            k: v for k, v in self.__dict__.items() if k not in ("_lock", "_transport", "_worker")
         }
         with self._lock:
             state["stats"] = dataclasses.replace(self.stats, http_errors=dict(self.stats.http_errors))
@@ -173,13 +166,12 @@ class RewardClient:
     @property
     def circuit_state(self) -> Literal["closed", "open", "half_open"]:
         """The best state over the URLs: closed while any server takes requests."""
-        states = set(self.circuit_states.values())
-        return "closed" if "closed" in states else "half_open" if "half_open" in states else "open"
+        return self._transport.circuit_state
 
     @property
     def circuit_states(self) -> dict[str, Literal["closed", "open", "half_open"]]:
         """Each URL's circuit breaker state."""
-        return {url: breaker.state for url, breaker in self._breakers.items()}
+        return self._transport.circuit_states
 
     # ------------------------------------------------------------------ public calls
 
@@ -192,11 +184,10 @@ class RewardClient:
         if not items:
             return []
         tally = _Tally()
-        state = self._loop_state()
         deadline = started + self.config.retry_budget_s
         chunks = _pack(self._units(items), self.config.chunk_size)
         parts = await asyncio.gather(
-            *(self._score_chunk(state, items, chunk, deadline, tally) for chunk in chunks)
+            *(self._score_chunk(items, chunk, deadline, tally) for chunk in chunks)
         )
         outcomes = {i: outcome for part in parts for i, outcome in part.items()}
         rewards: list[float | None] = []
@@ -248,11 +239,7 @@ class RewardClient:
         worker.stop()
 
     async def _close_loop_state(self) -> None:
-        with self._lock:
-            state = self._loops.pop(asyncio.get_running_loop(), None)
-        if state is not None:
-            for client in state.clients.values():
-                await client.aclose()
+        await self._transport.aclose()
 
     def metrics(self) -> dict[str, float]:
         """Flat running counters for trainer logs (`reward_client/...`)."""
@@ -350,38 +337,17 @@ class RewardClient:
 
     # ------------------------------------------------------------------ requests
 
-    def _loop_state(self) -> _LoopState:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            state = self._loops.get(loop)
-            if state is None:
-                cfg = self.config
-                headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-                clients = {
-                    url: httpx.AsyncClient(
-                        base_url=url,
-                        headers=headers,
-                        timeout=httpx.Timeout(cfg.request_timeout_s, connect=min(10.0, cfg.request_timeout_s)),
-                        limits=httpx.Limits(
-                            max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency
-                        ),
-                    )
-                    for url in cfg.urls
-                }
-                state = self._loops[loop] = _LoopState(clients, asyncio.Semaphore(cfg.max_concurrency))
-        return state
-
     async def _score_chunk(
-        self, state: _LoopState, items: list[_Item], chunk: list[list[int]], deadline: float, tally: _Tally
+        self, items: list[_Item], chunk: list[list[int]], deadline: float, tally: _Tally
     ) -> dict[int, tuple[float | None, str | None]]:
         indices = [i for unit in chunk for i in unit]
         key = items[indices[0]].group or group_key(items[indices[0]].context)  # where this context goes
         try:
-            data = await self._post(state, self._body(items, indices), key, deadline, tally)
+            data = await self._post(self._body(items, indices), key, deadline, tally)
         except Rejected as exc:
             if exc.status in SPLIT_STATUSES and len(chunk) > 1:  # isolate the unit the server refuses
                 parts = await asyncio.gather(
-                    *(self._score_chunk(state, items, [unit], deadline, tally) for unit in chunk)
+                    *(self._score_chunk(items, [unit], deadline, tally) for unit in chunk)
                 )
                 return {i: outcome for part in parts for i, outcome in part.items()}
             log.debug("rm_server refused %d completion(s), no retry: %s", len(indices), exc)
@@ -418,106 +384,11 @@ class RewardClient:
                 out[i] = (None, error or f"server status {status[k] if status else 'n/a'}, reward {value!r}")
         return out
 
-    async def _post(
-        self, state: _LoopState, body: dict[str, Any], key: str, deadline: float, tally: _Tally
-    ) -> Any:
-        def on_retry(rs: RetryCallState) -> None:
+    async def _post(self, body: dict[str, Any], key: str, deadline: float, tally: _Tally) -> Any:
+        def counted(rs: RetryCallState) -> None:
             tally.retries += 1
-            with self._lock:
-                self.stats.retries += 1
-            log.debug(
-                "retrying /v1/rewards in %.2f s (attempt %d): %s",
-                rs.upcoming_sleep,
-                rs.attempt_number,
-                rs.outcome.exception() if rs.outcome else None,
-            )
 
-        data = None
-        async for attempt in retrying(deadline, self.config.max_backoff_s, on_retry):
-            with attempt:
-                data = await self._attempt(state, body, key)
-        return data
-
-    def _route(self, key: str) -> list[str]:
-        """The URLs in the order one attempt tries them: from the one `key` hashes to, round the list."""
-        urls = self.config.urls
-        start = int(key[:8], 16) % len(urls) if len(urls) > 1 else 0
-        return [*urls[start:], *urls[:start]]
-
-    async def _attempt(self, state: _LoopState, body: dict[str, Any], key: str) -> Any:
-        """One attempt: the request goes to the first URL that takes it; the next URL gets it only after
-        the previous one failed (so one response at most is ever read)."""
-        failed: list[Retryable] = []
-        waits: list[float] = []
-        async with state.semaphore:
-            for url in self._route(key):
-                wait = self._breakers[url].admit()
-                if wait > 0:
-                    waits.append(wait)
-                    continue
-                if failed:
-                    with self._lock:
-                        self.stats.failovers += 1
-                    log.debug("passing the request on to %s after: %s", url, failed[-1])
-                try:
-                    return await self._attempt_one(state, url, body, key)
-                except Retryable as exc:
-                    failed.append(exc)
-        if failed:  # every URL that took the request failed: back off, then try them all again
-            raise failed[-1]
-        with self._lock:
-            self.stats.circuit_rejections += 1
-            last = self.stats.last_error
-        raise CircuitOpen(f"circuit open after repeated failures (last: {last})", retry_after=min(waits))
-
-    async def _attempt_one(self, state: _LoopState, url: str, body: dict[str, Any], key: str) -> Any:
-        breaker = self._breakers[url]
-        try:
-            response = await state.clients[url].post("/v1/rewards", json=body, headers={AFFINITY_HEADER: key})
-        except TRANSPORT_ERRORS as exc:
-            self._failed_attempt(url, transport_kind(exc), f"{type(exc).__name__} from {url}: {exc}")
-            raise Retryable(f"{type(exc).__name__} from {url}: {exc}") from exc
-        except BaseException:
-            breaker.release()
-            raise
-        code = response.status_code
-        if code >= 400:
-            message = f"HTTP {code} from {url}/v1/rewards: {error_message(response)}"
-            if code in RETRY_STATUSES:
-                if code == 429:  # alive but busy: says nothing about the server's health
-                    breaker.release()
-                    self._count_error(str(code), message)
-                else:
-                    self._failed_attempt(url, str(code), message)
-                raise Retryable(message, retry_after=retry_after(response))
-            breaker.success()  # it answered: the server is up, the request is at fault
-            self._count_error(str(code), message)
-            if code == 401:
-                message += " (set RewardClientConfig.api_key or env RM_API_KEY)"
-            raise Rejected(message, status=code)
-        breaker.success()
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise Rejected(f"unreadable JSON from {url}/v1/rewards: {response.text[:200]}") from exc
-
-    def _count_error(self, kind: str, message: str) -> None:
-        with self._lock:
-            self.stats.http_errors[kind] = self.stats.http_errors.get(kind, 0) + 1
-            self.stats.last_error = message
-
-    def _failed_attempt(self, url: str, kind: str, message: str) -> None:
-        self._count_error(kind, message)
-        if self._breakers[url].failure():
-            with self._lock:
-                self.stats.circuit_opens += 1
-            log.warning(
-                "circuit of %s opened after %d consecutive failures (last: %s); next probe in %.0f s",
-                url,
-                self.config.circuit_failure_threshold,
-                message,
-                self.config.circuit_reset_s,
-            )
+        return await self._transport.post("/v1/rewards", body, key=key, deadline=deadline, on_retry=counted)
 
     # ------------------------------------------------------------------ bookkeeping
 

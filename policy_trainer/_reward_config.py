@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-
-def split_urls(value: str | Sequence[str], name: str = "url") -> list[str]:
-    """Base URLs from one URL, a comma-separated string or a list; each checked, trailing slash dropped."""
-    if isinstance(value, str):
-        parts: list = [p for p in value.split(",") if p.strip()]  # "a,b," from a shell loop is fine
-    else:
-        parts = list(value) if isinstance(value, Sequence) else [value]
-    urls: list[str] = []
-    for part in parts:
-        url = part.strip().rstrip("/") if isinstance(part, str) else part
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"{name}={part!r} must be an http(s) base URL such as http://127.0.0.1:8000")
-        if url not in urls:
-            urls.append(url)
-    if not urls:
-        raise ValueError(f"{name}={value!r} names no server; give a base URL such as http://127.0.0.1:8000")
-    return urls
+from her_genrm import TransportStats, split_urls
 
 
 @dataclass
@@ -112,7 +95,7 @@ class RewardClientConfig:
 
 
 @dataclass
-class RewardStats:
+class RewardStats(TransportStats):
     """Running counters of a client (process-local; a pickled copy starts from the current values).
 
     `http_errors` counts failed attempts by HTTP status ("503") or transport failure ("connect",
@@ -124,17 +107,11 @@ class RewardStats:
     completions: int = 0
     rewarded: int = 0
     failed: int = 0
-    retries: int = 0
-    failovers: int = 0
-    circuit_opens: int = 0
-    circuit_rejections: int = 0
     format_violations: int = 0
-    http_errors: dict[str, int] = field(default_factory=dict)
-    last_error: str | None = None
     last_mean: float = math.nan
     last_std: float = math.nan
     last_min: float = math.nan
     last_max: float = math.nan
 
 
-__all__ = ["RewardClientConfig", "RewardStats", "split_urls"]
+__all__ = ["RewardClientConfig", "RewardStats"]

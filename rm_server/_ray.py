@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from her_engines import engine_class
+from her_genrm import AFFINITY_HEADER
 
 from ._settings import ServerSettings
 
@@ -46,7 +47,6 @@ log = logging.getLogger("rm_server.ray")
 
 ENV_PREFIX = "RM_RAY_"
 DEPLOYMENT_NAME = "HerJudge"
-AFFINITY_HEADER = "x-session-id"  # Ray Serve's session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 

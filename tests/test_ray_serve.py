@@ -29,7 +29,8 @@ from _reliability import record_case
 from _servers import free_port, serve_app
 from fastapi import FastAPI, Request
 
-from policy_trainer._reward_client import AFFINITY_HEADER, RewardClient
+from her_genrm import AFFINITY_HEADER
+from policy_trainer import RewardClient
 
 QUICK = {"max_backoff_s": 0.05, "retry_budget_s": 10.0, "judge_mode": "fast"}
 

@@ -23,8 +23,8 @@ from _servers import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import policy_trainer
+from her_genrm import CircuitBreaker
 from policy_trainer import RewardClientMetricsCallback, _verl
-from policy_trainer._resilience import CircuitBreaker
 from policy_trainer._reward_client import RewardClient, RewardClientConfig
 
 # Short backoffs; the budget only has to outlast a few quick retries, on a slow, busy machine too.
