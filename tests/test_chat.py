@@ -13,7 +13,7 @@ import pytest
 
 from her_cli import main
 from her_cli._chat import SYSTEM_THINKING_OPEN, ChatSession, _pick_names, default_transcript_path
-from her_engines import GenRequest, GenResult
+from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import Scene, build_chat_prompt, load_scenes, parse_reply
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -92,10 +92,10 @@ def test_clear_forgets_the_conversation(scene: Scene):
     assert "Papa?" not in request.messages[-1].content and request.top_p == 1.0
 
 
-class Scripted:
+class Scripted(Engine):
     """An engine that answers every request with one fixed result (for the session's own logic)."""
 
-    model_id = "scripted"
+    kind, model_id = "scripted", "scripted"
 
     def __init__(self, result: GenResult) -> None:
         self.result = result

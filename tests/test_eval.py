@@ -30,7 +30,7 @@ from eval._runner import (
     write_json_atomic,
 )
 from eval._simulate import END_CHAT, SimulationConfig, Step, derive_seed, resolve_next_speaker, simulate
-from her_engines import EngineError, GenRequest, GenResult
+from her_engines import Engine, EngineError, GenRequest, GenResult
 from her_genrm._transcript import (
     TRANSCRIPT_DIMENSIONS,
     TranscriptScorer,
@@ -122,11 +122,11 @@ def test_valid_predictions_pass_and_bad_ones_fall_back_deterministically():
 # ---------------------------------------------------------------- the re-enactment mechanism
 
 
-class ScriptedActors:
+class ScriptedActors(Engine):
     """Unit-test engine: every actor answers with a plan, a thought, an action and speech tagged with
     its own name; the predictor always asks to end; Environment describes rain."""
 
-    model_id = "scripted"
+    kind, model_id = "scripted", "scripted"
 
     def __init__(self, prediction: str = END_CHAT) -> None:
         self.prediction = prediction
@@ -382,6 +382,9 @@ class Counting:
     def __init__(self, engine) -> None:
         self.engine, self.model_id = engine, engine.model_id
         self.requests: list[GenRequest] = []
+
+    def __getattr__(self, name: str):  # the rest of the Engine interface: the real engine's
+        return getattr(self.engine, name)
         self.fail_after: int | None = None
 
     async def generate(self, requests):

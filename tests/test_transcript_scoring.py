@@ -19,7 +19,7 @@ import pytest
 from _servers import serve_app
 
 from eval._textmetrics import coser_bleu, coser_dialogue_text, coser_rouge_l
-from her_engines import GenRequest, GenResult
+from her_engines import Engine, GenRequest, GenResult
 from her_genrm._templates import JudgeOutputError
 from her_genrm._transcript import (
     DIMENSION_TITLES,
@@ -369,10 +369,10 @@ def test_rendered_transcript_reads_both_formats():
 # ---------------------------------------------------------------- retries and errors (scripted engine)
 
 
-class ScriptedJudge:
+class ScriptedJudge(Engine):
     """Fault injector: answers each request from a script keyed by (dimension, attempt)."""
 
-    model_id = "scripted-judge"
+    kind, model_id = "scripted", "scripted-judge"
 
     def __init__(self, answers) -> None:
         self.answers = answers  # callable(dimension, call_index_for_dimension) -> text
