@@ -382,10 +382,10 @@ class Counting:
     def __init__(self, engine) -> None:
         self.engine, self.model_id = engine, engine.model_id
         self.requests: list[GenRequest] = []
+        self.fail_after: int | None = None
 
     def __getattr__(self, name: str):  # the rest of the Engine interface: the real engine's
         return getattr(self.engine, name)
-        self.fail_after: int | None = None
 
     async def generate(self, requests):
         if self.fail_after is not None:
