@@ -339,6 +339,8 @@ class TransformersEngine(Engine):
         """The exact prompt text the model continues (chat template applied, prefill included)."""
         return render_chat(self.tokenizer, req)
 
+    # ---- worker thread ----------------------------------------------------------------------
+
     def _generate_sync(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult | None] = [None] * len(requests)
         decode: list[_Prepared] = []

@@ -109,6 +109,11 @@ class Engine(Protocol):
     """A `prefill` is honoured on every model: the assistant turn is continued, never restarted."""
 
     @classmethod
+    def options_from(cls, settings: Any) -> dict[str, Any]:
+        """Constructor options from `settings` (`EngineSettings`); `build_engine` passes them on."""
+        return {}
+
+    @classmethod
     def gpus_needed(cls, settings: Any) -> float:
         """GPUs one engine built from `settings` (`EngineSettings`) occupies; a scheduler reserves them."""
         return 0.0

@@ -98,8 +98,7 @@ class RewardClientConfig:
 class RewardStats(TransportStats):
     """Running counters of a client (process-local; a pickled copy starts from the current values).
 
-    `http_errors` counts failed attempts by HTTP status ("503") or transport failure ("connect",
-    "timeout", "transport"); `failovers` counts requests passed on to the next URL after such a failure.
+    The transport's counters (retries, failovers, circuit events, `http_errors`) plus the rewards'.
     `last_*` describe the rewards of the most recent call (NaN when it had none).
     """
 
