@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 # Before anything imports vLLM (the engine processes it spawns inherit it): keep its INFO lines out of the report.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -46,7 +46,7 @@ from _pairs import fixture_pairs  # noqa: E402
 from _servers import serve_app  # noqa: E402
 
 from her_engines import ChatMessage, Engine, GenRequest, create_engine, ensure_hf_folder  # noqa: E402
-from her_genrm import GenRM, JudgeRequest, Verdict  # noqa: E402
+from her_genrm import GenRM, JudgeRequest, Mode, Verdict  # noqa: E402
 from her_genrm._templates import fast_request  # noqa: E402
 from her_roleplay import load_scenes  # noqa: E402
 from rm_server import ServerSettings, build_app  # noqa: E402
@@ -446,7 +446,7 @@ async def main() -> None:
     parser.add_argument("--fast", type=int, default=8, help="fast pairs judged one at a time")
     parser.add_argument("--engine-pairs", type=int, default=2, help="pairs of the vllm vs transformers run")
     # fast: a forward per order, for a smoke run (transformers decodes a cot verdict at a few tokens/s).
-    parser.add_argument("--engine-mode", choices=("cot", "fast"), default="cot",
+    parser.add_argument("--engine-mode", choices=get_args(Mode), default="cot",
                         help="judge mode of the vllm vs transformers run")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache (the service's CPU default)")

@@ -178,7 +178,7 @@ def _parrots_last_line(turn: Turn, rng: random.Random) -> str | None:
 
 def _anachronism(turn: Turn, rng: random.Random) -> str:
     action, speech = rng.choice(_MODERN)
-    extra = [Segment("action", action)] if action else [Segment("speech", speech)]
+    extra = [Segment("action", action) if action else Segment("speech", speech or "")]
     return _with(turn.reply, after=extra)
 
 

@@ -19,6 +19,7 @@ Besides the reply validators' codes (:data:`her_roleplay.FINDING_CODES`), reject
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -469,7 +470,7 @@ def scene_chains(scene: Scene, config: SynthConfig) -> tuple[SceneOutcome, list[
     if per_line:
         for character in dict.fromkeys(scene.dialogues[i].character for i in character_lines(scene)):
             count = sum(scene.dialogues[i].character == character for i in character_lines(scene))
-            chains.append((count * per_line, lambda c=character: line_chain(scene, c, outcome, config)))
+            chains.append((count * per_line, functools.partial(line_chain, scene, character, outcome, config)))
     if "setting" in config.stages and plot_source(scene).strip():
         chains.append((1, lambda: setting_chain(scene, outcome, config)))
     return outcome, chains

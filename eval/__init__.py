@@ -35,19 +35,12 @@ from ._judge_eval import (
     read_verdict_records,
 )
 from ._judge_report import write_judge_report
-from ._remote import RemoteScorerOptions, RemoteScoringError, RemoteTranscriptScorer
+from ._remote import RemoteScoringError, RemoteTranscriptScorer
 from ._report import mean_ci, write_report
 from ._runner import EvalConfig, MeteredEngine, RunOutcome, TranscriptJudge, run_eval
-from ._simulate import (
-    END_CHAT,
-    Fallback,
-    SimLine,
-    Simulation,
-    SimulationConfig,
-    resolve_next_speaker,
-    simulate,
-)
+from ._simulate import Fallback, SimLine, Simulation, SimulationConfig, simulate
 from ._textmetrics import bleu, rouge_l
+from ._turns import END_CHAT, resolve_next_speaker
 
 __all__ = [
     "END_CHAT",
@@ -57,7 +50,6 @@ __all__ = [
     "JudgeSpec",
     "MeteredEngine",
     "Rate",
-    "RemoteScorerOptions",
     "RemoteScoringError",
     "RemoteTranscriptScorer",
     "RunOutcome",
@@ -69,8 +61,8 @@ __all__ = [
     "accuracy_by",
     "accuracy_errors_as_wrong",
     "agreement_metrics",
-    "calibration",
     "bleu",
+    "calibration",
     "error_rate",
     "evaluate_coser",
     "evaluate_judges",

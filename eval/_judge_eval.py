@@ -13,6 +13,7 @@ never as right or wrong answers.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -21,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from her_engines import Engine, EngineError, EngineSettings, build_engine
-from her_genrm import GenRM, JudgeRequest, LabelledPair, Mode, Usage, Verdict, build_genrm
+from her_genrm import GenRM, JudgeRequest, LabelledPair, Mode, Usage, Verdict, build_genrm, read_labelled_pairs
 
 from ._agreement import agreement_metrics
 from ._judge_report import write_judge_report
@@ -80,20 +80,8 @@ class JudgeEvalConfig:
 
 
 def load_labelled_pairs(path: str | Path, limit: int | None = None) -> list[LabelledPair]:
-    """The first `limit` (all when None) LabelledPair records of a jsonl file; a bad line names its number."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    pairs: list[LabelledPair] = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(LabelledPair.model_validate_json(line))
-            except ValidationError as exc:
-                raise ValueError(f"{path}:{n}: not a LabelledPair record: {exc}") from None
-            if limit is not None and len(pairs) >= limit:
-                break
+    """:func:`her_genrm.read_labelled_pairs`, with every id required to be unique (verdicts are keyed by it)."""
+    pairs = read_labelled_pairs(path, limit)
     check_unique_ids(pairs)
     return pairs
 
@@ -178,9 +166,8 @@ async def evaluate_judges(
                      for mode in config.modes}
             results += await _evaluate_one(
                 spec, pairs, config, (engines or {}).get(spec.name), build,
-                on_start=lambda mode, s=spec, t=tasks: progress.update(
-                    t[mode], description=_entry_name(s, mode, config)),
-                on_batch=lambda mode, k, t=tasks: progress.advance(t[mode], k))
+                on_start=functools.partial(_show_started, progress, tasks, spec, config),
+                on_batch=functools.partial(_show_batch, progress, tasks))
     summary = {
         "pairs_file": config.pairs_file,
         "pairs": len(pairs),
@@ -197,6 +184,15 @@ async def evaluate_judges(
 def _entry_name(spec: JudgeSpec, mode: Mode, config: JudgeEvalConfig) -> str:
     """A judge's row name: its own name, with the mode when several modes are evaluated."""
     return spec.name if len(config.modes) == 1 else f"{spec.name}-{mode}"
+
+
+def _show_started(progress: Progress, tasks: dict[Mode, TaskID], spec: JudgeSpec, config: JudgeEvalConfig,
+                  mode: Mode) -> None:
+    progress.update(tasks[mode], description=_entry_name(spec, mode, config))
+
+
+def _show_batch(progress: Progress, tasks: dict[Mode, TaskID], mode: Mode, done: int) -> None:
+    progress.advance(tasks[mode], done)
 
 
 async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: JudgeEvalConfig,
@@ -216,7 +212,7 @@ async def _evaluate_one(spec: JudgeSpec, pairs: Sequence[LabelledPair], config: 
             on_start(mode)
             verdicts = await judge_labelled_pairs(
                 genrm, pairs, mode=mode, swap=config.swap, batch_size=config.batch_size,
-                out_path=config.out_dir / f"verdicts_{name}.jsonl", on_batch=lambda k, m=mode: on_batch(m, k))
+                out_path=config.out_dir / f"verdicts_{name}.jsonl", on_batch=functools.partial(on_batch, mode))
             usage = sum((v.usage for v in verdicts), Usage())
             rows.append({
                 "name": name,

@@ -12,12 +12,11 @@ as that sample's failure.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from her_genrm import RMTransport, TranscriptScore
+from her_genrm import RMTransport, TranscriptJudgeOptions, TranscriptScore
 from her_genrm._transport import Rejected, Retryable
 from her_roleplay import DialogueLine, Scene
 
@@ -28,22 +27,9 @@ class RemoteScoringError(RuntimeError):
     """The scoring server refused the request or stayed unavailable."""
 
 
-@dataclass
-class RemoteScorerOptions:
-    """Judge settings sent with every request (the server bounds them)."""
-
-    max_tokens: int | None = None
-    max_flaws: int | None = None
-    max_instance_chars: int | None = None
-    protocol: str | None = None
-    """"coser" (CoSER's flaw types and severities) or "her"; None: the server's default (coser)."""
-
-    def as_body(self) -> dict[str, int | str]:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-
 class RemoteTranscriptScorer:
-    """A transcript scorer backed by rm_server; same ``score`` contract as the local scorer."""
+    """A transcript scorer backed by rm_server; same ``score`` contract as the local scorer. ``options``
+    go with every request; those left unset take the server's defaults."""
 
     def __init__(
         self,
@@ -52,7 +38,7 @@ class RemoteTranscriptScorer:
         api_key: str | None = None,
         timeout_s: float = 900.0,
         attempts: int = 5,
-        options: RemoteScorerOptions | None = None,
+        options: TranscriptJudgeOptions | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if attempts < 1:
@@ -62,7 +48,7 @@ class RemoteTranscriptScorer:
         self.base_urls = list(self._transport.urls)
         self.base_url = ",".join(self.base_urls)
         self.attempts = attempts
-        self.options = options or RemoteScorerOptions()
+        self.options = options or TranscriptJudgeOptions()
         self.model_id = f"remote:{self.base_url}"
 
     async def score(
@@ -76,7 +62,7 @@ class RemoteTranscriptScorer:
         body: dict[str, Any] = {
             "scene": scene.model_dump(mode="json", by_alias=True, exclude_none=True),
             "transcript": [{"character": line.character, "message": line.message} for line in transcript],
-            **self.options.as_body(),
+            **self.options.model_dump(exclude_unset=True),  # unset: the server's default
         }
         if dimensions is not None:
             body["dimensions"] = list(dimensions)

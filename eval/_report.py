@@ -112,10 +112,10 @@ def summarise(records: Sequence[dict[str, Any]], runs: int) -> dict[str, Any]:
                 for r in records
                 if r["run"] == run and r["status"] == "ok"
             ]
-            values = [v for v in values if v is not None]
-            counted += len(values)
-            if values:
-                run_means.append(statistics.fmean(values))
+            present = [float(v) for v in values if v is not None]
+            counted += len(present)
+            if present:
+                run_means.append(statistics.fmean(present))
         mean, half = mean_ci(run_means)
         summary[metric] = {
             "mean": _r(mean),

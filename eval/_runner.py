@@ -50,7 +50,8 @@ AGENT_ROLES = ("actor", "environment", "predictor")
 class TranscriptJudge(Protocol):
     """Anything that scores a re-enactment: the local TranscriptScorer or the remote client."""
 
-    model_id: str
+    @property
+    def model_id(self) -> str: ...
 
     async def score(
         self,

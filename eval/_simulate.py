@@ -31,14 +31,14 @@ import hashlib
 import inspect
 import json
 import random
-import re
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
-from her_engines import ChatMessage, Engine, EngineError, GenRequest, GenResult
+from her_engines import Engine, EngineError, GenRequest, GenResult
+from her_genrm import SCORING_PROTOCOLS, ScoringProtocol
 from her_roleplay import (
     ENVIRONMENT,
     REPLY_FORMATS,
@@ -46,20 +46,30 @@ from her_roleplay import (
     Scene,
     actor_reply_to_her,
     build_chat_prompt,
-    her_to_coser,
     public_view,
-    strip_speaker_prefix,
-    strip_system_thinking,
 )
 from her_roleplay import DialogueLine as _Line
 
-END_CHAT = "<END CHAT>"
+from ._agent_prompts import environment_prompt, predictor_prompt
+from ._turns import (
+    END_CHAT,
+    _clean,
+    _cut_at_other_speaker,
+    _is_env,
+    _same,
+    _speaking_order,
+    _stops,
+    can_take_turn,
+    cut_repetition,
+    resolve_next_speaker,
+)
+
 SYSTEM_PREFILL = "<system_thinking>"
-Protocol = Literal["coser", "her"]
-PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+# One protocol governs a whole evaluation: how scenes are re-enacted here and how the judge scores them.
+Protocol = ScoringProtocol
+PROTOCOLS: tuple[str, ...] = SCORING_PROTOCOLS
 AgentKind = Literal["actor", "environment", "predictor"]
 AGENTS: tuple[str, ...] = get_args(AgentKind)
-MAX_STOP_STRINGS = 4  # OpenAI's chat API takes at most four
 
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     # CoSER (gca_evaluation/main.py, utils.py): <END CHAT> from round index 5, i.e. once six lines
@@ -117,6 +127,9 @@ class SimulationConfig:
         for key, value in PROTOCOL_DEFAULTS[self.protocol].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        # every setting left None has its protocol's value now
+        assert self.min_end_round is not None and self.actor_max_tokens is not None
+        assert self.env_max_tokens is not None and self.temperature is not None and self.top_p is not None
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
         if not 1 <= self.min_end_round:
@@ -193,191 +206,13 @@ class ResumeMismatch(ValueError):
     """Saved progress does not fit this scene and configuration (it must be discarded)."""
 
 
-# --- the next-speaker rule ---------------------------------------------------------------------------
-
-
-def resolve_next_speaker(
-    predicted: str,
-    *,
-    current: str,
-    candidates: Sequence[str],
-    fallback_pool: Sequence[str],
-    end_allowed: bool,
-    rng: random.Random,
-    blocked: Collection[str] = (),
-) -> tuple[str | None, str | None]:
-    """Apply CoSER's rule to a predictor answer: ``(next speaker or None to end, fallback reason)``.
-
-    Valid: a name in ``candidates`` other than ``current`` (and not ``blocked``: actors whose last
-    visible turn is their own), or ``<END CHAT>`` when ``end_allowed``. Anything else becomes
-    ``rng.choice`` over ``fallback_pool`` without ``current`` and ``blocked`` (if that leaves nobody:
-    over the unblocked candidates, then Environment). The reason says why the answer was replaced.
-    """
-    text = _clean_prediction(predicted)
-    excluded = [current, *blocked]
-    reason: str | None
-    if text.casefold() == END_CHAT.casefold():
-        if end_allowed:
-            return None, None
-        reason = "end_too_early"
-    else:
-        match = next((c for c in candidates if _same(c, text)), None)
-        if match is not None and not any(_same(match, x) for x in excluded):
-            return match, None
-        reason = "unknown_speaker" if match is None else "repeated_speaker"
-    for group in (fallback_pool, candidates):
-        # sorted: the pool must not depend on set or input order, only on the sample's seed
-        pool = sorted({p for p in group if not any(_same(p, x) for x in excluded)})
-        if pool:
-            return rng.choice(pool), reason
-    return ENVIRONMENT, reason  # the narrator may always add a line
-
-
-def _clean_prediction(text: str) -> str:
-    text = text.strip().strip("`*\"' ")
-    text = re.sub(r"^(?:next\s+speaker\s*:\s*)", "", text, flags=re.IGNORECASE).strip()
-    return text.splitlines()[0].strip() if text else ""
-
-
-def _same(a: str, b: str) -> bool:
-    return a.strip().casefold() == b.strip().casefold()
-
-
-def _is_env(name: str) -> bool:
-    return _same(name, ENVIRONMENT)
-
-
 def derive_seed(seed: int, *parts: object) -> int:
     """A seed for one decision, from the sample's seed and what the decision is (run, round, agent)."""
     key = json.dumps([seed, *[str(p) for p in parts]])
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
 
-# --- prompts of the Environment and the predictor ----------------------------------------------------
-
-
-def _visible_history(history: Sequence[tuple[str, str]]) -> str:
-    """``Name: (action) speech`` lines, as CoSER shows them to its narrator and predictor."""
-    lines = []
-    for speaker, text in history:
-        seen = her_to_coser(public_view(text)).strip()
-        if seen:
-            lines.append(f"{speaker}: {seen}")
-    return "\n\n".join(lines) or "(nothing has happened yet)"
-
-
-def _people(scene: Scene) -> str:
-    out = []
-    for name in scene.cast():
-        brief = scene.description_of(name)
-        out.append(f"- {name}: {brief}" if brief else f"- {name}")
-    return "\n".join(out)
-
-
-def environment_prompt(scene: Scene, history: Sequence[tuple[str, str]]) -> list[ChatMessage]:
-    """The narrator: describes what changes around the characters, never speaks or acts for them."""
-    system = (
-        f"You are the narrator of a scene from {scene.book}. You describe the surroundings only: light, "
-        "sounds, objects, weather, people arriving or leaving, anything physical that changes. Write one to "
-        "three sentences in plain prose. Never speak, think or decide for any of the characters, and never "
-        "repeat what they said."
-        f"\n\n## The scene\n{scene.scenario.strip()}\n\n## Characters present\n{_people(scene)}"
-    )
-    user = (
-        f"The conversation so far:\n\n{_visible_history(history)}\n\n"
-        "Describe what changes in the surroundings now."
-    )
-    return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=user)]
-
-
-def predictor_prompt(
-    scene: Scene, history: Sequence[tuple[str, str]], options: Sequence[str]
-) -> list[ChatMessage]:
-    """The director: who acts next, or the end of the scene."""
-    system = (
-        f"You direct a scene from {scene.book} and decide who acts next so that the scene moves on "
-        f"naturally. {ENVIRONMENT} stands for the surroundings (it describes physical changes)."
-        f"\n\n## The scene\n{scene.scenario.strip()}\n\n## Characters present\n{_people(scene)}"
-    )
-    ending = f" Answer {END_CHAT} if the scene has come to its natural end." if END_CHAT in options else ""
-    user = (
-        f"The conversation so far:\n\n{_visible_history(history)}\n\n"
-        f"Who acts next? Answer with exactly one of: {', '.join(options)}.{ending}"
-    )
-    return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=user)]
-
-
 # --- the loop -----------------------------------------------------------------------------------------
-
-
-def _speaking_order(scene: Scene) -> list[str]:
-    names = list(dict.fromkeys(scene.speaking_characters_w_env)) or [*scene.cast(), ENVIRONMENT]
-    if not any(_is_env(n) for n in names):
-        names.append(ENVIRONMENT)
-    return names
-
-
-def can_take_turn(history: Sequence[tuple[str, str]], name: str) -> bool:
-    """False when ``name``'s last turn, as ``name`` sees the conversation, is its own: someone must
-    visibly act first (lines that show nothing, e.g. only a thought, do not count)."""
-    if _is_env(name):
-        return True
-    for who, text in reversed(history):
-        if _same(who, name):
-            if strip_system_thinking(text).strip():
-                return False
-        elif public_view(text).strip():
-            return True
-    return True
-
-
-def _cut_at_other_speaker(text: str, speaker: str, names: Sequence[str]) -> str:
-    """Drop whatever the model wrote for another character (``\\nName: ...``) after its own turn."""
-    others = [re.escape(n) for n in names if not _same(n, speaker)]
-    if not others:
-        return text
-    match = re.search(rf"\n\s*\**(?:{'|'.join(others)})\**\s*:", text)
-    return text[: match.start()] if match else text
-
-
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_LETTER_RUN = re.compile(r"[^\W\d_]{100,}")
-
-
-def cut_repetition(text: str) -> str:
-    """Cut a degenerate reply where it starts repeating itself, as CoSER does for every actor that is
-    not an API model (its ``fix_repeation``): a run of 100+ letters keeps its first 20; a span of
-    5-30 tokens repeated five times in a row keeps its first occurrence; else a span of 15-30 tokens
-    seen again later ends the text before the second occurrence. Unlike CoSER the original text is
-    cut (tags and spacing kept) instead of re-joined from tokens. Text without repetition is unchanged.
-    """
-    text = _LETTER_RUN.sub(lambda m: m.group(0)[:20], text)
-    spans = [(m.start(), m.end(), m.group(0)) for m in _TOKEN.finditer(text)]
-    toks = [t for _, _, t in spans]
-    n = len(toks)
-    for length in range(5, min(30, n) + 1):  # consecutive: the shortest repeating unit first
-        for i in range(n - 5 * length + 1):
-            unit = toks[i : i + length]
-            if all(toks[i + k * length : i + (k + 1) * length] == unit for k in range(1, 5)):
-                return text[: spans[i + length - 1][1]]
-    first_repeat = n
-    for length in range(15, min(30, n) + 1):  # non-consecutive: the earliest second occurrence
-        seen: dict[tuple[str, ...], int] = {}
-        for i in range(n - length + 1):
-            key = tuple(toks[i : i + length])
-            if key in seen:
-                if i - seen[key] >= length:
-                    first_repeat = min(first_repeat, i)
-            else:
-                seen[key] = i
-    if first_repeat < n:
-        return text[: spans[first_repeat][0]].rstrip()
-    return text
-
-
-def _stops(speaker: str, names: Sequence[str]) -> list[str]:
-    """Stop strings: another character's line starting (cut afterwards anyway; this saves the tokens)."""
-    return [f"\n{n}:" for n in names if not _same(n, speaker)][:MAX_STOP_STRINGS]
 
 
 async def _one(engine: Engine, request: GenRequest) -> GenResult:
@@ -525,7 +360,7 @@ async def _line(
     text = _clean(generated, speaker, names, prefill)
     if agent == "actor":
         text = actor_reply_to_her(text, cfg.actor_format).strip()
-    return Step(kind="line", round=rnd, speaker=speaker, text=text, agent=agent,  # type: ignore[arg-type]
+    return Step(kind="line", round=rnd, speaker=speaker, text=text, agent=agent,
                 requests=requests, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
@@ -566,13 +401,6 @@ async def _generate_line(
             return text, requests, prompt_tokens, completion_tokens
 
 
-def _clean(generated: str, speaker: str, names: Sequence[str], prefill: str) -> str:
-    """What is kept of a generated line: nothing written for others, no repetition loop, no own
-    name label."""
-    text = cut_repetition(_cut_at_other_speaker(generated, speaker, names))
-    return strip_speaker_prefix(prefill + text, speaker).strip()
-
-
 async def _decide(
     nsp: Engine,
     scene: Scene,
@@ -585,6 +413,7 @@ async def _decide(
     cfg: SimulationConfig,
 ) -> Step:
     """Who speaks after line ``rnd`` (None: the scene ends), by the predictor and CoSER's rule."""
+    assert cfg.min_end_round is not None  # set by the protocol
     end_allowed = rnd + 1 >= cfg.min_end_round
     blocked = [n for n in names if not can_take_turn(history, n)]
     options = [n for n in names if not _same(n, speaker) and n not in blocked]

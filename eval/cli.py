@@ -19,10 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import get_args
 
 from her_cli._engine_args import add_engine_arguments, build_engine_or_exit, engine_settings_from_args
-from her_genrm import api_key_from_env
-from her_roleplay import SceneLoadError, load_scenes
+from her_cli._flags import add_model_arguments, model_values
+from her_engines import Engine, EngineSettings
+from her_genrm import SCORING_PROTOCOLS, Mode, TranscriptScorerConfig, api_key_from_env
+from her_roleplay import REPLY_FORMATS, SceneLoadError, load_scenes
+
+# The flaw judge's options as `her eval coser` flags (the protocol comes from --protocol).
+JUDGE_OPTIONS = ("max_tokens", "max_flaws", "max_instance_chars", "attempts")
+JUDGE_FLAGS = {"max_tokens": "--judge-max-tokens", "attempts": "--judge-attempts"}
+JUDGE_DEST = "flaw_judge_"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     coser.add_argument("--no-progress", action="store_true", help="no progress bars")
     coser.add_argument(
-        "--protocol", choices=["coser", "her"], default="coser",
+        "--protocol", choices=SCORING_PROTOCOLS, default="coser",
         help="coser (default): CoSER's ending rule (<END CHAT> from the 6th line), greedy actors and "
         "narrator, CoSER's judge rules; her: this project's earlier rules (end from the 5th line, "
         "temperature 0.7, top-p 0.95). Explicit flags below override the protocol's values",
@@ -57,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = coser.add_argument_group("model under test")
     add_engine_arguments(g)
     g.add_argument(
-        "--actor-format", choices=["her", "coser", "plain"], default="her",
+        "--actor-format", choices=REPLY_FORMATS, default="her",
         help="how actors are asked to write: her (HER tags after a <system_thinking> plan; default), "
         "coser ([thought] (action) speech) or plain (speech only, e.g. a chat model as a baseline)",
     )
@@ -84,14 +92,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Bearer key for --judge-url (default: env RM_API_KEY, the name the server reads too)",
     )
     add_engine_arguments(j, prefix="judge-", inherit="")
-    j.add_argument("--judge-max-tokens", type=int, default=None,
-                   help="token limit of one flaw list (default: what --max-flaws flaws of "
-                   "--max-instance-chars can take, at most 1024)")
-    j.add_argument("--max-flaws", type=int, default=10, help="flaws listed per dimension at most")
-    j.add_argument("--max-instance-chars", type=int, default=200, help="length limit of a flaw's instance")
-    j.add_argument("--judge-attempts", type=int, default=2, help="tries per dimension before it is an error")
+    add_model_arguments(j, TranscriptScorerConfig, names=JUDGE_OPTIONS, flags=JUDGE_FLAGS, dest_prefix=JUDGE_DEST,
+                        note=_judge_option_default)
     coser.set_defaults(_run_eval=_run_coser)
     _add_judge_arguments(sub)
+
+
+def _judge_option_default(name, field) -> str:
+    if name == "max_tokens":
+        return "default: what --max-flaws flaws of --max-instance-chars can take, at most 1024"
+    return f"default: {field.default}"
 
 
 def _add_judge_arguments(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +121,7 @@ def _add_judge_arguments(sub: argparse._SubParsersAction) -> None:
         "genrm; its her_judge.json card picks the prompt) or what --engine takes",
     )
     judge.add_argument("--out", required=True, help="output folder (report.md, metrics.json, verdicts_*.jsonl, PNGs)")
-    judge.add_argument("--mode", choices=["fast", "cot"], action="append", dest="modes",
+    judge.add_argument("--mode", choices=get_args(Mode), action="append", dest="modes",
                        help="judge mode; repeat to evaluate each judge in several modes while it is loaded "
                             "(default fast)")
     judge.add_argument("--swap", action=argparse.BooleanOptionalAction, default=True,
@@ -139,11 +149,11 @@ def judge_token_budget(max_flaws: int, max_instance_chars: int, ceiling: int = 1
 
 
 async def _coser(args: argparse.Namespace) -> int:
-    from her_genrm import TranscriptScorer, TranscriptScorerConfig
+    from her_genrm import TranscriptJudgeOptions, TranscriptScorer
 
     from ._api import evaluate_coser
-    from ._remote import RemoteScorerOptions, RemoteTranscriptScorer
-    from ._runner import EvalConfig
+    from ._remote import RemoteTranscriptScorer
+    from ._runner import EvalConfig, TranscriptJudge
     from ._simulate import SimulationConfig
 
     try:
@@ -157,14 +167,11 @@ async def _coser(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
         )
-        judge_max_tokens = args.judge_max_tokens or judge_token_budget(args.max_flaws, args.max_instance_chars)
-        judge_cfg = TranscriptScorerConfig(
-            max_tokens=judge_max_tokens,
-            max_flaws=args.max_flaws,
-            max_instance_chars=args.max_instance_chars,
-            attempts=args.judge_attempts,
-            protocol=args.protocol,
-        )
+        chosen = model_values(args, TranscriptScorerConfig, names=JUDGE_OPTIONS, dest_prefix=JUDGE_DEST)
+        judge_cfg = TranscriptScorerConfig(protocol=args.protocol, **chosen)
+        if "max_tokens" not in chosen:
+            judge_cfg = judge_cfg.model_copy(update={
+                "max_tokens": judge_token_budget(judge_cfg.max_flaws, judge_cfg.max_instance_chars)})
     except ValueError as exc:
         raise SystemExit(f"her eval coser: {exc}") from None
     try:  # read the test file before loading any model: a bad file should fail fast
@@ -175,9 +182,9 @@ async def _coser(args: argparse.Namespace) -> int:
     env_settings = engine_settings_from_args(args, prefix="env-", inherit="")
     nsp_settings = engine_settings_from_args(args, prefix="nsp-", inherit="")
     judge_settings = None if args.judge_url else engine_settings_from_args(args, prefix="judge-", inherit="")
-    loaded: list[tuple[object, object]] = []  # (settings, engine): one load per distinct model setting
+    loaded: list[tuple[EngineSettings, Engine]] = []  # one load per distinct model setting
 
-    def engine_for(settings, prefix: str = ""):
+    def engine_for(settings: EngineSettings, prefix: str = "") -> Engine:
         for known, eng in loaded:
             if known == settings:
                 return eng
@@ -185,28 +192,25 @@ async def _coser(args: argparse.Namespace) -> int:
         loaded.append((settings, eng))
         return eng
 
-    def name(eng) -> str:
+    def name(eng: Engine) -> str:
         return f"{eng.kind}:{eng.model_id}"
 
-    owned: list = []  # clients to close besides the engines
+    owned: list[RemoteTranscriptScorer] = []  # clients to close besides the engines
     try:
         actor = engine_for(actor_settings)
         env = engine_for(env_settings, "env-")
         nsp = engine_for(nsp_settings, "nsp-")
+        judge: TranscriptJudge
         if args.judge_url:
-            judge = RemoteTranscriptScorer(
+            remote = RemoteTranscriptScorer(
                 args.judge_url,
                 api_key=args.judge_key or api_key_from_env(),
-                options=RemoteScorerOptions(
-                    max_tokens=judge_cfg.max_tokens,
-                    max_flaws=judge_cfg.max_flaws,
-                    max_instance_chars=judge_cfg.max_instance_chars,
-                    protocol=judge_cfg.protocol,
-                ),
+                options=TranscriptJudgeOptions(**judge_cfg.model_dump(include=set(TranscriptJudgeOptions.model_fields))),
             )
-            owned.append(judge)
-            judge_name = "rm_server"
+            owned.append(remote)
+            judge, judge_name = remote, "rm_server"
         else:
+            assert judge_settings is not None  # read with the other flags, before any model loads
             judge_engine = engine_for(judge_settings, "judge-")
             judge = TranscriptScorer(judge_engine, judge_cfg)
             judge_name = name(judge_engine)
@@ -224,13 +228,7 @@ async def _coser(args: argparse.Namespace) -> int:
                 "environment": name(env),
                 "predictor": name(nsp),
                 "judge": judge_name,
-                "judge_settings": {
-                    "max_tokens": judge_cfg.max_tokens,
-                    "max_flaws": judge_cfg.max_flaws,
-                    "max_instance_chars": judge_cfg.max_instance_chars,
-                    "attempts": judge_cfg.attempts,
-                    "protocol": judge_cfg.protocol,
-                },
+                "judge_settings": judge_cfg.model_dump(include={*JUDGE_OPTIONS, "protocol"}),
             },
         )
         try:

@@ -9,42 +9,31 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Collection
-from typing import Any, Literal, get_args, get_origin
 
 from her_engines import Engine, EngineSettings, build_engine
 
-FIELDS = EngineSettings.model_fields
+from ._flags import add_model_arguments, default_text, flag_name, model_values
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, *, prefix: str = "", inherit: str | None = None,
+def add_engine_arguments(parser: argparse._ActionsContainer, *, prefix: str = "", inherit: str | None = None,
                          exclude: Collection[str] = ()) -> None:
     """Add one flag per engine setting. With `inherit`, unset flags fall back to that flag's value
     (e.g. the judge engine defaults to the engine of the model under test). `exclude` names settings
     the command sets another way (e.g. `her eval judge` takes each model from `--judge`)."""
-    for name, field in FIELDS.items():
-        if name in exclude:
-            continue
-        flag = f"--{prefix}{name.replace('_', '-')}"
-        if inherit is not None:
-            default = f"the --{inherit}{name.replace('_', '-')} value"
-        else:
-            default = field.default if field.default is not None else "unset"
-        extra: dict[str, Any] = {}
-        if get_origin(field.annotation) is Literal:
-            extra["choices"] = list(get_args(field.annotation))
-        parser.add_argument(flag, dest=_dest(prefix, name), default=None, metavar=name.upper(), **extra,
-                            help=f"{field.description or ''} (default: {default})")
+    names = [name for name in EngineSettings.model_fields if name not in exclude]
+
+    def note(name, field) -> str:
+        return f"default: the {flag_name(name, inherit)} value" if inherit is not None else \
+            f"default: {default_text(field)}"
+
+    add_model_arguments(parser, EngineSettings, names=names, prefix=prefix, dest_prefix=_dest(prefix), note=note)
 
 
 def engine_settings_from_args(args: argparse.Namespace, *, prefix: str = "", inherit: str | None = None,
                               ) -> EngineSettings:
-    values: dict[str, Any] = {}
-    for name in FIELDS:
-        value = getattr(args, _dest(prefix, name), None)  # None also for an excluded flag
-        if value is None and inherit is not None:
-            value = getattr(args, _dest(inherit, name), None)
-        if value is not None:
-            values[name] = value
+    values = model_values(args, EngineSettings, dest_prefix=_dest(prefix))  # excluded flags are unset
+    if inherit is not None:
+        values = {**model_values(args, EngineSettings, dest_prefix=_dest(inherit)), **values}
     try:
         return EngineSettings(**values)
     except ValueError as exc:
@@ -64,5 +53,5 @@ def build_engine_or_exit(settings: EngineSettings, *, prefix: str = "") -> Engin
         raise SystemExit(str(exc).replace("engine_base_url", f"--{prefix}engine-base-url")) from None
 
 
-def _dest(prefix: str, name: str) -> str:
-    return f"{prefix.replace('-', '_')}{name}"
+def _dest(prefix: str) -> str:
+    return prefix.replace("-", "_")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import get_args
 
-from her_genrm import build_genrm, judge_file
+from her_genrm import HerRMStage, Mode, TemplateName, build_genrm, judge_file
 
 from ._engine_args import add_engine_arguments, engine_from_args
 
@@ -18,10 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='jsonl, one pair a line: {"id": ..., "context": [messages] | "text", "a": "...", '
                              '"b": "..."} (a /v1/judge body; other keys are carried through)')
     parser.add_argument("--out", dest="out_path", required=True, help="jsonl of verdicts (input keys kept)")
-    parser.add_argument("--mode", choices=["cot", "fast"], default="cot")
-    parser.add_argument("--template", choices=["compact", "her-rm"], default="compact")
+    parser.add_argument("--mode", choices=get_args(Mode), default="cot")
+    parser.add_argument("--template", choices=get_args(TemplateName), default="compact")
     parser.add_argument("--her-rm-template", help="template file for --template her-rm (from the HER repository)")
-    parser.add_argument("--her-rm-stage", choices=["sft", "rl"], default="sft",
+    parser.add_argument("--her-rm-stage", choices=get_args(HerRMStage), default="sft",
                         help="the HER-RM checkpoint served: after reward SFT, or after reward RL (gets HER's "
                              "RL-stage request appended)")
     parser.add_argument("--principles", help="principle library yaml (default: bundled)")

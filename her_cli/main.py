@@ -17,7 +17,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("her_cli._chat", "chat with a character from a CoSER scene file"),
     "judge": ("her_cli._judge", "judge pairs of replies from a jsonl file with the GenRM"),
-    "serve": ("rm_server.cli", "run the GenRM service (rm_server)"),
+    "serve": ("her_cli._serve", "run the GenRM service (rm_server)"),
     "train": ("policy_trainer.cli", "SFT cold start and GRPO training with remote rewards"),
     "build": ("data_builder.cli", "reverse-synthesise dual-layer data and preference pairs"),
     "eval": ("eval.cli", "evaluations: CoSER acting (coser), judge agreement on labelled pairs (judge)"),

@@ -131,7 +131,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         # The loaded model still says "quantised GGUF"; strip that so the saved folder loads as plain
         # fp32 weights (recipe in FACTS.md).
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [type(model).__name__]

@@ -27,11 +27,9 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +38,19 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 
+from ._hf_decoding import (
+    GrammarMask,
+    Prepared,
+    RowSampler,
+    RowStop,
+    TokenLogprobRecorder,
+    sample_index,
+    seeded_generator,
+)
 from ._models import DEFAULT_MODEL, ResolvedModel, ensure_hf_folder, resolve_model
 from ._prefix import PrefixKV, PrefixStore
 from ._types import (
@@ -55,7 +60,6 @@ from ._types import (
     EngineUnavailable,
     GenRequest,
     GenResult,
-    TokenLogprobs,
     render_chat,
 )
 
@@ -67,163 +71,6 @@ _GRAMMAR_CACHE_SIZE = 128
 _log = logging.getLogger(__name__)
 
 
-def _sample_index(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Draw one index from softmax(logits / temperature), restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep a token while the mass before it is below top_p, so the first token always stays.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
-
-
-@dataclass
-class _Prepared:
-    """One request after rendering and checks, ready for the model."""
-
-    index: int
-    req: GenRequest
-    ids: list[int]
-    grammar: Any = None  # xgrammar.CompiledGrammar for json_schema requests
-    choice_ids: list[list[int]] = field(default_factory=list)
-
-
-class _RowStop(StoppingCriteria):
-    """Per-row stop: end-of-sequence token, a stop string, or the row's own max_tokens.
-
-    Records why and after how many new tokens each row finished (`done`), which is what the
-    result's text and finish_reason are cut from.
-    """
-
-    def __init__(self, rows: list[_Prepared], prompt_len: int, eos: set[int], tokenizer: Any) -> None:
-        self.rows = rows
-        self.prompt_len = prompt_len
-        self.eos = eos
-        self.tokenizer = tokenizer
-        self.done: list[tuple[int, str] | None] = [None] * len(rows)
-        # A stop string of n characters spans at most n tokens; a few more absorb tokens that decode
-        # to nothing on their own (partial UTF-8 bytes).
-        self.windows = [max((len(s) for s in p.req.stop), default=0) + 4 for p in rows]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        n_new = input_ids.shape[1] - self.prompt_len
-        for i, p in enumerate(self.rows):
-            if self.done[i] is not None:
-                continue
-            if int(input_ids[i, -1]) in self.eos:
-                self.done[i] = (n_new, "eos")
-            elif p.req.stop and self._hit_stop(input_ids[i, self.prompt_len :], p.req.stop, self.windows[i]):
-                self.done[i] = (n_new, "stop")
-            elif n_new >= p.req.max_tokens:
-                self.done[i] = (n_new, "length")
-        return torch.tensor([d is not None for d in self.done], dtype=torch.bool, device=input_ids.device)
-
-    def _hit_stop(self, new_ids: torch.Tensor, stops: list[str], window: int) -> bool:
-        tail = self.tokenizer.decode(new_ids[-window:].tolist(), skip_special_tokens=True)
-        return any(s in tail for s in stops)
-
-
-class _GrammarMask(LogitsProcessor):
-    """Masks each constrained row's logits with its own xgrammar matcher; other rows pass through.
-
-    Works like ``xgrammar.contrib.hf.LogitsProcessor`` but allows unconstrained rows in the same
-    batch and rows that our stopping criterion has already finished (they receive pad tokens).
-    """
-
-    def __init__(self, grammars: list[Any], vocab_size: int, stop: _RowStop) -> None:
-        import xgrammar as xgr
-
-        self.xgr = xgr
-        self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
-        self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
-        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
-        self.vocab_size = vocab_size
-        self.stop = stop
-        self.first_call = True
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        active = []
-        for i in self.rows:
-            matcher = self.matchers[i]
-            if self.stop.done[i] is not None or matcher.is_terminated():
-                continue
-            # The first call sees only the prompt; later calls see the token chosen last step.
-            if not self.first_call and not matcher.accept_token(int(input_ids[i, -1])):
-                raise RuntimeError(f"grammar rejected token {int(input_ids[i, -1])} that it allowed")
-            if not matcher.is_terminated():
-                matcher.fill_next_token_bitmask(self.bitmask, i)
-                active.append(i)
-        self.first_call = False
-        if active:
-            self.xgr.apply_token_bitmask_inplace(
-                scores, self.bitmask, vocab_size=self.vocab_size, indices=active
-            )
-        return scores
-
-
-class _RowSampler(LogitsProcessor):
-    """Samples the rows with temperature > 0 from their own generators and leaves a one-hot score.
-
-    `generate` then runs greedy (argmax), which picks exactly our sample for those rows and the
-    argmax for greedy rows.
-    """
-
-    def __init__(self, rows: list[_Prepared]) -> None:
-        self.sampled = [(i, p.req.temperature, p.req.top_p, _generator(p.req.seed))
-                        for i, p in enumerate(rows) if p.req.temperature > 0]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for i, temperature, top_p, gen in self.sampled:
-            token = _sample_index(scores[i], temperature, top_p, gen)
-            scores[i].fill_(-math.inf)
-            scores[i, token] = 0.0
-        return scores
-
-
-class _TokenLogprobRecorder(LogitsProcessor):
-    """Keeps, for rows that asked for `logprobs`, each step's top-k alternatives (scored after the
-    grammar mask, before a row's sampling) and the log-probability of the token then chosen.
-
-    The chosen token is only known one step later (it is the last input id of the next call), so the
-    previous step's distribution of each such row is kept until then.
-    """
-
-    def __init__(self, rows: list[_Prepared]) -> None:
-        self.k = {i: p.req.logprobs for i, p in enumerate(rows) if p.req.logprobs}
-        self.top: dict[int, list[tuple[list[int], list[float]]]] = {i: [] for i in self.k}
-        self.chosen: dict[int, list[float]] = {i: [] for i in self.k}
-        self._previous: dict[int, torch.Tensor] = {}
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for i, k in self.k.items():
-            if i in self._previous:
-                self.chosen[i].append(float(self._previous[i][int(input_ids[i, -1])]))
-            logprobs = torch.log_softmax(scores[i].float(), dim=-1)
-            best = torch.topk(logprobs, k)
-            self.top[i].append((best.indices.tolist(), best.values.tolist()))
-            self._previous[i] = logprobs
-        return scores
-
-    def entries(self, row: int, new_ids: list[int], tokenizer: Any) -> list[TokenLogprobs]:
-        chosen = list(self.chosen[row])
-        if row in self._previous and len(chosen) < len(new_ids):  # the last step's token
-            chosen.append(float(self._previous[row][new_ids[len(chosen)]]))
-        out: list[TokenLogprobs] = []
-        for token, logprob, (alt_ids, alt_logprobs) in zip(new_ids, chosen, self.top[row], strict=False):
-            texts = tokenizer.batch_decode([[a] for a in alt_ids])
-            out.append((tokenizer.decode([token]), logprob, list(zip(texts, alt_logprobs, strict=True))))
-        return out
 
 
 class TransformersEngine(Engine):
@@ -282,7 +129,7 @@ class TransformersEngine(Engine):
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=_DTYPES[dtype], local_files_only=True
-            ).to(self.device)
+            ).to(self.device)  # type: ignore[arg-type]  # transformers wraps .to() with a model-typed signature
         except (OSError, ValueError, RuntimeError) as exc:
             raise EngineUnavailable(f"could not load model from {self.model_path}: {exc}") from exc
         self.model.eval()
@@ -343,8 +190,8 @@ class TransformersEngine(Engine):
 
     def _generate_sync(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult | None] = [None] * len(requests)
-        decode: list[_Prepared] = []
-        score: list[_Prepared] = []
+        decode: list[Prepared] = []
+        score: list[Prepared] = []
         with self._lock, torch.inference_mode():
             for i, req in enumerate(requests):
                 try:
@@ -368,7 +215,7 @@ class TransformersEngine(Engine):
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _isolated(self, group: list[_Prepared], run: Any) -> list[GenResult]:
+    def _isolated(self, group: list[Prepared], run: Any) -> list[GenResult]:
         """Run a group; if it fails, rerun its members one by one so only the culprit fails."""
         try:
             return run(group)
@@ -377,13 +224,13 @@ class TransformersEngine(Engine):
                 return [_error_result(exc)]
         return [self._isolated([p], run)[0] for p in group]
 
-    def _prepare(self, index: int, req: GenRequest) -> _Prepared:
+    def _prepare(self, index: int, req: GenRequest) -> Prepared:
         text = self.render(req)
         # A chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones.
         ids = self.tokenizer(text, add_special_tokens=req.messages is None).input_ids
         if not ids:
             raise EngineBadRequest("prompt is empty after tokenisation")
-        prepared = _Prepared(index=index, req=req, ids=ids)
+        prepared = Prepared(index=index, req=req, ids=ids)
         if req.choices is not None:
             prepared.choice_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in req.choices]
             if any(not c for c in prepared.choice_ids):
@@ -400,10 +247,10 @@ class TransformersEngine(Engine):
             )
         return prepared
 
-    def _prefix_for(self, group: list[_Prepared]) -> PrefixKV | None:
+    def _prefix_for(self, group: list[Prepared]) -> PrefixKV | None:
         return self.prefix_store.for_rows([p.ids for p in group]) if self.prefix_store is not None else None
 
-    def _warm_prefix(self, group: list[_Prepared]) -> None:
+    def _warm_prefix(self, group: list[Prepared]) -> None:
         """Compute and store the prefix shared by requests that will then run one by one."""
         try:
             self._prefix_for(group)
@@ -434,7 +281,7 @@ class TransformersEngine(Engine):
             self._grammars.popitem(last=False)
         return grammar
 
-    def _decode(self, group: list[_Prepared]) -> list[GenResult]:
+    def _decode(self, group: list[Prepared]) -> list[GenResult]:
         prefix = self._prefix_for(group)
         shared = len(prefix) if prefix is not None else 0
         width = shared + max(len(p.ids) - shared for p in group)
@@ -446,15 +293,15 @@ class TransformersEngine(Engine):
         for row, p in enumerate(group):  # suffixes left-padded: every prompt ends at the same column
             input_ids[row, width - len(p.ids) + shared :] = torch.tensor(p.ids[shared:])
             attention[row, width - len(p.ids) + shared :] = 1
-        stop = _RowStop(group, width, self.eos_ids, self.tokenizer)
+        stop = RowStop(group, width, self.eos_ids, self.tokenizer)
         processors = LogitsProcessorList()
         if any(p.grammar is not None for p in group):
-            processors.append(_GrammarMask([p.grammar for p in group], self.vocab_size, stop))
-        recorder = _TokenLogprobRecorder(group)
+            processors.append(GrammarMask([p.grammar for p in group], self.vocab_size, stop))
+        recorder = TokenLogprobRecorder(group)
         if recorder.k:
             processors.append(recorder)
         if any(p.req.temperature > 0 for p in group):
-            processors.append(_RowSampler(group))
+            processors.append(RowSampler(group))
         config = GenerationConfig(
             max_new_tokens=max(p.req.max_tokens for p in group),
             do_sample=False,
@@ -479,7 +326,7 @@ class TransformersEngine(Engine):
             results[row].token_logprobs = recorder.entries(row, kept, self.tokenizer)
         return results
 
-    def _decoded_result(self, p: _Prepared, new_ids: list[int], done: tuple[int, str] | None) -> GenResult:
+    def _decoded_result(self, p: Prepared, new_ids: list[int], done: tuple[int, str] | None) -> GenResult:
         n, why = done if done is not None else (min(len(new_ids), p.req.max_tokens), "length")
         tokens = new_ids[:n]
         text = self.tokenizer.decode(tokens[:-1] if why == "eos" else tokens, skip_special_tokens=True)
@@ -493,7 +340,7 @@ class TransformersEngine(Engine):
             finish_reason="length" if why == "length" else "stop",
         )
 
-    def _score_choices(self, group: list[_Prepared]) -> list[GenResult]:
+    def _score_choices(self, group: list[Prepared]) -> list[GenResult]:
         (p,) = group
         choices = p.req.choices or []
         prefix = self._prefix_for(group)
@@ -534,7 +381,7 @@ class TransformersEngine(Engine):
                 totals[row] += float(logprobs[row, torch.arange(len(c) - 1), targets].double().sum())
         normalised = totals - torch.logsumexp(totals, dim=0)
         if p.req.temperature > 0:
-            pick = _sample_index(normalised, p.req.temperature, p.req.top_p, _generator(p.req.seed))
+            pick = sample_index(normalised, p.req.temperature, p.req.top_p, seeded_generator(p.req.seed))
         else:
             pick = int(torch.argmax(normalised))
         return [

@@ -210,7 +210,7 @@ class VLLMEngine(Engine):
         if self._tokenizer is None and self._llm is not None:
             tokenizer = self._llm.get_tokenizer()
             # Older vLLM releases made this a coroutine of the engine's loop.
-            self._tokenizer = self._in_loop(tokenizer).result() if inspect.isawaitable(tokenizer) else tokenizer
+            self._tokenizer = self._in_loop(tokenizer).result() if inspect.iscoroutine(tokenizer) else tokenizer
         return self._tokenizer
 
     @property

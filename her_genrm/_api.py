@@ -8,13 +8,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.progress import Progress
 
 from her_engines import Engine, create_engine
 
 from ._card import build_genrm
 from ._judge import GenRM
-from ._types import JudgeRequest, Mode, TemplateName, Verdict
+from ._types import JudgeRequest, LabelledPair, Mode, TemplateName, Verdict
 
 _PAIR_KEYS = {"context", "a", "b"}
 
@@ -96,3 +97,27 @@ def api_key_from_env() -> str | None:
     if not key:
         key = os.environ.get(API_KEY_ENV + "S", "")
     return next((k.strip() for k in key.split(",") if k.strip()), None)
+
+
+def read_labelled_pairs(path: str | Path, limit: int | None = None) -> list[LabelledPair]:
+    """The first ``limit`` (all when None) LabelledPair records of a jsonl file (`her build negatives`,
+    `her build teacher-pairs`). A missing file, a bad line (named by its number) or ``limit < 1`` is a
+    ValueError."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"labelled pair file {path} does not exist")
+    pairs: list[LabelledPair] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append(LabelledPair.model_validate_json(line))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"{path}:{n}: not a LabelledPair record: {first['msg']} at {first['loc']}") from None
+            if limit is not None and len(pairs) >= limit:
+                break
+    return pairs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +33,7 @@ class JudgeCard(BaseModel):
     principle_set_hash: str
     """Version of the principle library the judge was trained on."""
     base_model: str
-    modes: list[Mode] = Field(default_factory=lambda: ["cot", "fast"])
+    modes: list[Mode] = Field(default_factory=lambda: list(get_args(Mode)))
     swap: bool = True
     """Trained on both presentation orders of every pair."""
     train_pairs: int = 0

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from her_engines import Engine, GenRequest, GenResult
 from her_roleplay import PrincipleLibrary, default_library, for_judging
@@ -138,9 +139,10 @@ class GenRM:
         for a_first in orders:
             first, second = (a, b) if a_first else (b, a)
             messages = template.messages(context, first, second, fast=fast)
-            common = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature,
+            common: dict[str, Any] = {"messages": messages, "seed": req.seed, "temperature": self.config.temperature,
                       "logprobs": self.config.verdict_logprobs or None}
             if fast:
+                assert isinstance(template, CompactTemplate)  # check() refuses fast mode for her-rm
                 prefill, choices, max_tokens = fast_request(template)
                 gen = GenRequest(**common, prefill=prefill, max_tokens=max_tokens, choices=choices)
             elif isinstance(template, CompactTemplate):
@@ -174,7 +176,7 @@ class GenRM:
             if probs is None:
                 return OrderResult(**base, status="error",
                                    error=f"engine returned no usable verdict logprobs: {result.choice_logprobs}")
-            best: Slot = max(SLOTS, key=lambda s: probs[s])
+            best: Slot = max(SLOTS, key=probs.__getitem__)
             return OrderResult(**base, status="ok", **_priced(probs, a_first), winner=_slot_to_winner(best, a_first))
         if result.finish_reason == "length":
             return OrderResult(**base, status="error", error="judge output hit max_tokens before finishing")
@@ -248,8 +250,9 @@ class GenRM:
         if req.mode == "fast":
             # fast mode: the most likely outcome of the order-averaged distribution, so a judge's
             # preference for one slot cancels out instead of turning every split decision into a tie
-            mean = {w: sum(o.probs[w] for o in orders) / len(orders) for w in ("a", "b", "tie")}  # type: ignore[index]
-            verdict: Winner = max(mean, key=mean.__getitem__)  # type: ignore[arg-type, assignment]
+            outcomes: tuple[Winner, ...] = ("a", "b", "tie")
+            mean = {w: sum((o.probs or {})[w] for o in orders) / len(orders) for w in outcomes}
+            verdict: Winner = max(outcomes, key=mean.__getitem__)
         else:
             verdict = orders[0].winner if len(winners) == 1 else "tie"  # type: ignore[assignment]
         all_comparisons = [c for o in orders for c in o.comparisons]

@@ -12,6 +12,8 @@ from her_roleplay import validate_reply
 from ._types import Verdict
 
 RewardKind = Literal["discrete", "prob"]
+# reference: each rollout against the dataset's reference reply; group: rollouts of one prompt against each other.
+RewardStrategy = Literal["reference", "group"]
 
 # Findings that mean the rollout broke the tag grammar (style findings such as
 # mind-reading are the judge's business, not a format failure).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import get_args
 
 from her_roleplay import for_judging
 
@@ -31,7 +32,7 @@ def _reason(text: str) -> str:
 
 
 def training_examples(
-    pair: LabelledPair, template: CompactTemplate, *, modes: Sequence[Mode] = ("cot", "fast"), swap: bool = True
+    pair: LabelledPair, template: CompactTemplate, *, modes: Sequence[Mode] = get_args(Mode), swap: bool = True
 ) -> list[dict]:
     """Conversational prompt/completion rows (TRL's format) for one labelled pair.
 
@@ -44,6 +45,7 @@ def training_examples(
         first, second = (a, b) if a_first else (b, a)
         for mode in modes:
             messages = template.messages(pair.context, first, second, fast=mode == "fast")
+            target: str
             if mode == "fast":
                 target = _slot(pair.label, a_first)
             else:
@@ -66,7 +68,7 @@ def training_examples(
 
 
 def training_rows(
-    pairs: Iterable[LabelledPair], template: CompactTemplate, *, modes: Sequence[Mode] = ("cot", "fast"),
+    pairs: Iterable[LabelledPair], template: CompactTemplate, *, modes: Sequence[Mode] = get_args(Mode),
     swap: bool = True,
 ) -> list[dict]:
     return [row for pair in pairs for row in training_examples(pair, template, modes=modes, swap=swap)]

@@ -176,7 +176,8 @@ class CircuitBreaker:
             if state == "closed":
                 return 0.0
             if state == "open":
-                return max(self.reset_s - (self._clock() - self._opened_at), 1e-3)  # type: ignore[operator]
+                assert self._opened_at is not None  # an open circuit has an opening time
+                return max(self.reset_s - (self._clock() - self._opened_at), 1e-3)
             if self._trial:  # someone else is probing: ask again shortly
                 return min(1.0, self.reset_s)
             self._trial = True

@@ -312,10 +312,10 @@ def _check_thought(text: str, seg: LocatedSegment, cast: _Cast) -> list[Finding]
                 last = words[i + k - 1]
                 end = _inner_predicate(words, i + k) if not last.possessive else None
                 if owner == "self":
-                    nxt = words[i + k] if i + k < len(words) else None
+                    following = words[i + k] if i + k < len(words) else None
                     as_subject = word.clause_start and (
-                        last.possessive or (nxt is not None and nxt.clause == last.clause
-                                            and nxt.low not in _ANY_PRONOUN)
+                        last.possessive or (following is not None and following.clause == last.clause
+                                                  and following.low not in _ANY_PRONOUN)
                     )
                     if as_subject or end is not None:
                         findings.append(Finding(

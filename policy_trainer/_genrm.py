@@ -19,7 +19,9 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from her_genrm import Mode
 
 from ._setup import (
     ConfigError,
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 __all__ = ["GenRMDataSpec", "GenRMRun", "GenRMRunConfig", "LoraSpec"]
 
 _TOP_KEYS = {"model", "data", "lora", "train_layers", "sft", "deepspeed"}
-_MODES = ("cot", "fast")
+_MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass
@@ -144,24 +146,12 @@ def _train_top_layers(model: Any, n: int) -> None:
 
 def read_pairs(paths: Iterable[str | Path]) -> list[Any]:
     """Labelled pairs from jsonl files; ConfigError naming the file and line of a bad record."""
-    from pydantic import ValidationError
+    from her_genrm import read_labelled_pairs
 
-    from her_genrm import LabelledPair
-
-    pairs = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"labelled pair file {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(LabelledPair.model_validate_json(line))
-            except ValidationError as exc:
-                raise ConfigError(f"{path}:{n} is not a labelled pair: {exc.errors()[0]['msg']} "
-                                  f"at {exc.errors()[0]['loc']}") from None
-    return pairs
+    try:
+        return [pair for path in paths for pair in read_labelled_pairs(path)]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class GenRMRun:

@@ -380,8 +380,8 @@ class RewardClient:
                 out[i] = (float(value), None)
             else:
                 detail = details[k] if isinstance(details, list) and len(details) == n else None
-                error = detail.get("error") if isinstance(detail, dict) else None
-                out[i] = (None, error or f"server status {status[k] if status else 'n/a'}, reward {value!r}")
+                reason = detail.get("error") if isinstance(detail, dict) else None
+                out[i] = (None, reason or f"server status {status[k] if status else 'n/a'}, reward {value!r}")
         return out
 
     async def _post(self, body: dict[str, Any], key: str, deadline: float, tally: _Tally) -> Any:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
-from her_genrm import TransportStats, split_urls
+from her_genrm import GroupAggregate, Mode, RewardKind, RewardStrategy, TransportStats, split_urls
 
 
 @dataclass
@@ -43,11 +43,11 @@ class RewardClientConfig:
 
     url: str | list[str] = "http://127.0.0.1:8000"
     api_key: str | None = None
-    strategy: Literal["reference", "group"] = "reference"
-    aggregate: Literal["winrate", "bradley_terry"] = "winrate"
+    strategy: RewardStrategy = "reference"
+    aggregate: GroupAggregate = "winrate"
     reference_column: str = "reference"
-    judge_mode: Literal["cot", "fast"] = "cot"
-    reward_kind: Literal["discrete", "prob"] = "discrete"
+    judge_mode: Mode = "cot"
+    reward_kind: RewardKind = "discrete"
     format_penalty: float = 0.0
     request_timeout_s: float = 300.0
     max_concurrency: int = 8
@@ -59,12 +59,13 @@ class RewardClientConfig:
 
     def __post_init__(self) -> None:
         self.url = ",".join(split_urls(self.url))
-        for name, allowed in (
-            ("strategy", ("reference", "group")),
-            ("aggregate", ("winrate", "bradley_terry")),
-            ("judge_mode", ("cot", "fast")),
-            ("reward_kind", ("discrete", "prob")),
+        for name, literal in (
+            ("strategy", RewardStrategy),
+            ("aggregate", GroupAggregate),
+            ("judge_mode", Mode),
+            ("reward_kind", RewardKind),
         ):
+            allowed = get_args(literal)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if not isinstance(self.reference_column, str) or not self.reference_column:

@@ -57,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
         if args.train_command == "grpo":
             from ._grpo import GRPORun, GRPORunConfig
 
-            config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url,
-                                             output_dir=args.output_dir, max_steps=args.max_steps)
-            print(f"her train grpo: rewards from {config.reward.url} ({config.reward.strategy}, "
-                  f"{config.reward.judge_mode}); DeepSpeed: {config.deepspeed or 'off'}", flush=True)
-            grpo_run = GRPORun(config)
+            grpo_config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url,
+                                                  output_dir=args.output_dir, max_steps=args.max_steps)
+            reward = grpo_config.reward
+            print(f"her train grpo: rewards from {reward.url} ({reward.strategy}, {reward.judge_mode}); "
+                  f"DeepSpeed: {grpo_config.deepspeed or 'off'}", flush=True)
+            grpo_run = GRPORun(grpo_config)
             try:
                 result = grpo_run.train()
             finally:
@@ -69,14 +70,14 @@ def run(args: argparse.Namespace) -> int:
         elif args.train_command == "genrm":
             from ._genrm import GenRMRun, GenRMRunConfig
 
-            config = GenRMRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps,
-                                              pairs=args.pairs)
-            result = GenRMRun(config).train()
+            genrm_config = GenRMRunConfig.from_yaml(args.config, output_dir=args.output_dir,
+                                                    max_steps=args.max_steps, pairs=args.pairs)
+            result = GenRMRun(genrm_config).train()
         else:
             from ._sft import SFTRun, SFTRunConfig
 
-            config = SFTRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
-            result = SFTRun(config).train()
+            sft_config = SFTRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
+            result = SFTRun(sft_config).train()
     except ConfigError as exc:
         print(f"her train {args.train_command}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -4,14 +4,10 @@ Run it with `her serve` (or `make serve`); embed it with `build_app(settings, en
 """
 
 from ._app import build_app
-from ._batcher import BatcherStopped, BatchTimeout, MicroBatcher, QueueFull
 from ._cache import (
-    KEY_PREFIX,
-    LRUVerdictCache,
     RedisVerdictCache,
     VerdictCache,
     build_cache,
-    mirror_verdict,
     verdict_cache_key,
 )
 from ._errors import BodyTooLarge, InputTooLarge, NotReady, ServiceError, Unauthorized
@@ -28,14 +24,11 @@ from ._protocol import (
     RewardsResponse,
 )
 from ._serving import HACK_PROBES, JudgeService
-from ._settings import ServerSettings, get_settings
+from ._settings import ServerSettings
 from ._telemetry import JudgeTelemetry
 
 __all__ = [
     "HACK_PROBES",
-    "KEY_PREFIX",
-    "BatchTimeout",
-    "BatcherStopped",
     "BodyTooLarge",
     "ErrorEnvelope",
     "InfoResponse",
@@ -45,12 +38,9 @@ __all__ = [
     "JudgeBody",
     "JudgeService",
     "JudgeTelemetry",
-    "LRUVerdictCache",
-    "MicroBatcher",
     "NotReady",
     "OpenRLHFRewardBody",
     "OpenRLHFRewardResponse",
-    "QueueFull",
     "RedisVerdictCache",
     "RewardDetail",
     "RewardsBody",
@@ -61,7 +51,5 @@ __all__ = [
     "VerdictCache",
     "build_app",
     "build_cache",
-    "get_settings",
-    "mirror_verdict",
     "verdict_cache_key",
 ]

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from her_engines import Engine, build_engine, engine_class, model_fingerprint
+from her_engines import Engine, EngineKind, build_engine, engine_class, model_fingerprint
 from her_genrm import GenRM, build_genrm
 from her_roleplay import PrincipleLibrary, default_library
 
@@ -114,7 +115,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        first: dict[str, Any] = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
         return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else first["msg"],
                               details=errors)
@@ -166,7 +167,7 @@ class InternalErrorMiddleware:
 
 def _instrument(app: FastAPI, telemetry: JudgeTelemetry) -> None:
     @app.middleware("http")
-    async def _timing(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def _timing(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
@@ -184,7 +185,7 @@ def _add_protected_docs(app: FastAPI) -> None:
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
-    async def docs():  # type: ignore[no-untyped-def]
+    async def docs():
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
 
@@ -206,7 +207,11 @@ def build_app(
     cache = build_cache(settings.redis_url, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries,
                         on_error=telemetry.record_cache_error)
     owns_engine = engine is None
-    kind = settings.resolved_engine() if engine is None else engine.kind
+    resolved: EngineKind | None = None  # the kind of engine to build, if we build it
+    if engine is None:
+        kind: str = (resolved := settings.resolved_engine())
+    else:
+        kind = engine.kind
     if settings.batching == "auto":
         continuous = (engine or engine_class(kind)).continuous_batching
     else:
@@ -229,7 +234,7 @@ def build_app(
 
     async def load_engine() -> None:
         try:
-            loaded = await asyncio.to_thread(build_engine, settings, kind)
+            loaded = await asyncio.to_thread(build_engine, settings, resolved)
             service.model_fingerprint = await asyncio.to_thread(model_fingerprint, settings.model)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             log.exception("could not load the judge engine")
@@ -270,7 +275,7 @@ def build_app(
     protect_docs = bool(settings.api_keys) and settings.docs_require_auth
     app = FastAPI(title="HER GenRM service", version=_package_version(), lifespan=lifespan,
                   description="Pairwise generative reward model for role-play (HER), with RL reward routes.",
-                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if protect_docs else {}))
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if protect_docs else {}))  # type: ignore[arg-type]
     if protect_docs:
         _add_protected_docs(app)
     app.state.service = service

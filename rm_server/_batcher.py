@@ -251,7 +251,8 @@ class MicroBatcher(Generic[T, R]):
 
     async def _collect(self, queue: asyncio.Queue[Any]) -> tuple[list[_Entry[T]], bool]:
         """Collect one batch. Returns (batch, stop_seen)."""
-        self._forming = batch = []
+        batch: list[_Entry[T]] = []
+        self._forming = batch
         first: _Entry[T] | None = None
         while first is None:
             entry = await queue.get()  # blocking wait for work: no polling

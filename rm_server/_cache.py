@@ -7,7 +7,7 @@ Contract
   seed, sampling params, context, and the pair. With swap on the pair is stored in a canonical order
   (sorted by the sha256 of each text) so (a, b) and (b, a) share one entry; the returned ``flipped``
   tells the caller the request is the mirror of the stored orientation. Callers store
-  ``mirror_verdict(v) if flipped else v`` and mirror what they read back the same way.
+  ``her_genrm.mirror_verdict(v) if flipped else v`` and mirror what they read back the same way.
 - Only ``status == "ok"`` verdicts are stored; ``set()`` silently skips error verdicts so a transient
   judge failure is retried on the next request instead of being served for a day.
 - Storage holds the verdict JSON with ``cached=false``; ``get()`` returns it with ``cached=True``.
@@ -44,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from her_genrm import Comparison, Mode, OrderResult, Pattern, TemplateName, Verdict, Winner
+from her_genrm import Mode, TemplateName, Verdict
 
 __all__ = [
     "KEY_PREFIX",
@@ -52,7 +52,6 @@ __all__ = [
     "RedisVerdictCache",
     "VerdictCache",
     "build_cache",
-    "mirror_verdict",
     "verdict_cache_key",
 ]
 
@@ -154,61 +153,6 @@ def verdict_cache_key(
         "pair": [first, second],
     }
     return KEY_PREFIX + _sha(_dumps(payload)), flipped
-
-
-# --------------------------------------------------------------------------- mirror
-
-_WINNER_MIRROR: dict[Winner, Winner] = {"a": "b", "b": "a", "tie": "tie"}
-_PATTERN_MIRROR: dict[Pattern, Pattern] = {"all_a": "all_b", "all_b": "all_a", "mixed": "mixed", "tie": "tie"}
-
-
-def _mw(w: Winner | None) -> Winner | None:
-    return None if w is None else _WINNER_MIRROR[w]
-
-
-def _mp(p: float | None) -> float | None:
-    return None if p is None else 1.0 - p
-
-
-def _mpat(p: Pattern | None) -> Pattern | None:
-    return None if p is None else _PATTERN_MIRROR[p]
-
-
-def _mcomps(comps: list[Comparison]) -> list[Comparison]:
-    return [c.model_copy(update={"winner": _WINNER_MIRROR[c.winner], "a_performance": c.b_performance,
-                                 "b_performance": c.a_performance}) for c in comps]
-
-
-def _morder(o: OrderResult) -> OrderResult:
-    return o.model_copy(
-        update={
-            "a_first": not o.a_first,
-            "winner": _mw(o.winner),
-            "p_a": _mp(o.p_a),
-            "probs": {_mw(w): p for w, p in o.probs.items()} if o.probs else o.probs,
-            "comparisons": _mcomps(o.comparisons),
-            "pattern": _mpat(o.pattern),
-        }
-    )
-
-
-def mirror_verdict(v: Verdict) -> Verdict:
-    """The same judgment seen with a and b exchanged.
-
-    Winners a↔b (tie stays), ``p_a → 1 - p_a``, each order's outcome probabilities a↔b, pattern
-    all_a↔all_b, every comparison's winner and its a/b performances, and
-    each order's ``a_first`` flipped. ``consistent``, status, usage and metadata are unchanged. Applying
-    it twice gives the input back (``p_a`` up to float rounding of ``1 - (1 - p)``).
-    """
-    return v.model_copy(
-        update={
-            "verdict": _mw(v.verdict),
-            "p_a": _mp(v.p_a),
-            "pattern": _mpat(v.pattern),
-            "comparisons": _mcomps(v.comparisons),
-            "orders": [_morder(o) for o in v.orders],
-        }
-    )
 
 
 # --------------------------------------------------------------------------- caches

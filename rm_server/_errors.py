@@ -43,7 +43,7 @@ class NotReady(ServiceError):
     pass
 
 
-_STATUS: list[tuple[type[BaseException], int, str]] = [
+_STATUS: list[tuple[type[Exception], int, str]] = [
     (InvalidRequest, 422, "invalid_request"),
     (InputTooLarge, 422, "input_too_large"),
     (BodyTooLarge, 413, "body_too_large"),
@@ -69,5 +69,5 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def mapped_exception_classes() -> list[type[BaseException]]:
+def mapped_exception_classes() -> list[type[Exception]]:
     return [cls for cls, _, _ in _STATUS]

@@ -155,7 +155,7 @@ def parse_chat_markup(prompt: str) -> list[ChatMessage] | None:
             role = _ROLES.get(raw_role.lower())
             if role is None:
                 role, content = "user", f"[{raw_role}] {content}"
-            messages.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
+            messages.append(ChatMessage(role=role, content=content))
         return messages or None
     return None
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from her_engines import ChatMessage
-from her_genrm import GroupAggregate, Mode, RewardKind, TemplateName, Verdict
+from her_genrm import GroupAggregate, Mode, RewardKind, RewardStrategy, TemplateName, Verdict
 
 # Engines take 64-bit seeds; a larger one fails inside the engine instead of at the door.
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
@@ -77,7 +77,7 @@ class RewardsBody(_Body):
     completions: list[str]
     references: list[str] | None = None
     group_ids: list[str | int] | None = None
-    strategy: Literal["reference", "group"] | None = None
+    strategy: RewardStrategy | None = None
     aggregate: GroupAggregate = Field("winrate", description="group strategy: winrate or bradley_terry")
     mode: Mode = "cot"
     template: TemplateName = "compact"
@@ -101,7 +101,7 @@ class RewardsBody(_Body):
         return self
 
     @property
-    def resolved_strategy(self) -> Literal["reference", "group"]:
+    def resolved_strategy(self) -> RewardStrategy:
         return self.strategy or ("group" if self.group_ids is not None else "reference")
 
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from her_engines import engine_class
+from her_engines import Engine, engine_class
 from her_genrm import AFFINITY_HEADER
 
 from ._settings import ServerSettings
@@ -148,7 +148,7 @@ class ReplicaHeader:
 class HerJudge:
     """One replica: one judge engine and the full rm_server app in front of it."""
 
-    async def __init__(self, settings: ServerSettings) -> None:
+    async def __init__(self, settings: ServerSettings) -> None:  # type: ignore[misc]  # Serve awaits it
         from her_engines import build_engine
 
         logging.basicConfig(level=settings.log_level.upper(),
@@ -158,8 +158,9 @@ class HerJudge:
         started = time.monotonic()
         # Loaded here, before Serve routes anything to this replica (the plain server loads it in the
         # background and answers 503 meanwhile; behind Serve a loading replica would just get requests).
-        self._engine = await asyncio.to_thread(build_engine, settings, settings.resolved_engine())
-        log.info("replica ready: %s in %.1f s", self._engine.model_id, time.monotonic() - started)
+        engine = await asyncio.to_thread(build_engine, settings, settings.resolved_engine())
+        self._engine: Engine | None = engine
+        log.info("replica ready: %s in %.1f s", engine.model_id, time.monotonic() - started)
 
     def __serve_build_asgi_app__(self) -> Any:
         from ._app import build_app
@@ -206,7 +207,7 @@ def deployment_options(settings: ServerSettings, ray_settings: RaySettings) -> d
         options["num_replicas"] = rs.replicas
     if rs.routing == "context":
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=CONSISTENT_HASH_ROUTER,
+            request_router_class=CONSISTENT_HASH_ROUTER,  # type: ignore[arg-type]  # Serve imports the path
             request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 2},
         )
     return options
@@ -214,7 +215,8 @@ def deployment_options(settings: ServerSettings, ray_settings: RaySettings) -> d
 
 def build_application(settings: ServerSettings, ray_settings: RaySettings) -> Any:
     """The Serve application (`serve.run(build_application(...))`)."""
-    return serve.deployment(HerJudge).options(**deployment_options(settings, ray_settings)).bind(settings)
+    deployment = serve.deployment(HerJudge)
+    return deployment.options(**deployment_options(settings, ray_settings)).bind(settings)  # type: ignore[attr-defined]
 
 
 def connect(ray_settings: RaySettings) -> None:
@@ -267,7 +269,8 @@ def running_replicas(app_name: str = "her-genrm") -> int:
     app = serve.status().applications.get(app_name)
     if app is None or DEPLOYMENT_NAME not in app.deployments:
         return 0
-    return int(app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0))
+    states: dict[Any, int] = dict(app.deployments[DEPLOYMENT_NAME].replica_states)  # ReplicaState is a str enum
+    return int(states.get("RUNNING", 0))
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

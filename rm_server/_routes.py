@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -21,7 +23,9 @@ from ._protocol import (
 )
 from ._serving import JudgeService
 
-ERROR_RESPONSES = {code: {"model": ErrorEnvelope} for code in (400, 401, 413, 422, 429, 503, 504)}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope} for code in (400, 401, 413, 422, 429, 503, 504)
+}
 
 health = APIRouter(tags=["health"])
 api = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)

@@ -11,7 +11,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from her_engines import Engine, EngineUnavailable
 from her_genrm import (
@@ -21,6 +21,8 @@ from her_genrm import (
     Verdict,
     format_violations,
     group_rewards,
+    mirror_verdict,
+    mirror_winner,
     render_context,
     rollout_reward,
     round_robin_pairs,
@@ -29,7 +31,7 @@ from her_genrm import (
 from . import _openrlhf as openrlhf
 from ._admission import Admission, current_client
 from ._batcher import BatchTimeout, MicroBatcher, QueueFull
-from ._cache import VerdictCache, mirror_verdict, verdict_cache_key
+from ._cache import VerdictCache, verdict_cache_key
 from ._errors import InputTooLarge, InvalidRequest, NotReady
 from ._protocol import (
     JudgeBody,
@@ -44,7 +46,6 @@ from ._telemetry import JudgeTelemetry
 
 log = logging.getLogger("rm_server")
 T = TypeVar("T")
-_MIRROR = {"a": "b", "b": "a"}
 
 # Degenerate replies a healthy judge must never prefer (HER saw policies learn to emit these).
 HACK_PROBES = (
@@ -79,7 +80,7 @@ class JudgeService:
         if self.continuous_batching:
             # No waiting and no grouping: up to max_inflight pairs run inside the engine at once, where
             # its scheduler adds each new one to the running batch; only the overflow queues (-> 429).
-            shape = {"max_batch_size": 1, "max_wait_ms": 0.0, "max_concurrent_batches": s.max_inflight}
+            shape: dict[str, Any] = {"max_batch_size": 1, "max_wait_ms": 0.0, "max_concurrent_batches": s.max_inflight}
         else:
             # One batch at a time, filled while the engine works on the previous one.
             shape = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms}
@@ -195,9 +196,9 @@ class JudgeService:
 
     async def judge(self, req: JudgeRequest, *, use_cache: bool = True) -> Verdict:
         """One verdict: from the cache, else from the model (and then cached if ok)."""
-        self._serving_genrm()
+        genrm = self._serving_genrm()
         try:
-            self.genrm.check(req)
+            genrm.check(req)
         except ValueError as exc:  # unknown or unconfigured template, or a mode it lacks: the caller's to fix
             raise InvalidRequest(str(exc)) from None
         key, flipped = self._cache_key(req)
@@ -269,7 +270,8 @@ class JudgeService:
         if preferred_degenerate:
             log.warning("hack probe: the judge preferred the degenerate reply %r over a real one", req.b)
         self.telemetry.record_probe(preferred_degenerate=preferred_degenerate)
-        self.telemetry.record_probe_outcome({"a": "real", "b": "degenerate", "tie": "tie"}[verdict.verdict or "tie"])
+        preferred: dict[str, Literal["real", "degenerate", "tie"]] = {"a": "real", "b": "degenerate", "tie": "tie"}
+        self.telemetry.record_probe_outcome(preferred[verdict.verdict or "tie"])
 
     # ------------------------------------------------------------------ rewards
 
@@ -324,12 +326,13 @@ class JudgeService:
             for pos, member in enumerate(members):
                 mine = [(i, v) for (i, j), v in zip(pairs, group_verdicts, strict=True) if pos in (i, j)]
                 # each outcome from this member's side: "a" means it won that pair
-                outcomes = [v.verdict if i == pos else _MIRROR.get(v.verdict, v.verdict) for i, v in mine]
+                outcomes = [v.verdict if i == pos else mirror_winner(v.verdict) for i, v in mine]
                 errors = [v.error or "error" for _, v in mine if v.status != "ok"]
                 violations = format_violations(body.completions[member])
                 rate = rates[pos]
                 if rate is not None and violations:
                     rate -= body.format_penalty
+                error: str | None
                 if len(members) < 2:
                     error = "a group needs at least two completions"
                 else:

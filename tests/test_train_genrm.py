@@ -48,7 +48,7 @@ def test_config_errors_name_the_field(tmp_path):
         GenRMRun(_config(tmp_path, tmp_path / "missing.jsonl")).build()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "context": "c", "a": "a", "b": "b", "label": "left", "source": "teacher"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1 .*label"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: not a LabelledPair.*label"):
         GenRMRun(_config(tmp_path, bad)).build()
 
 

@@ -20,8 +20,7 @@ from _servers import serve_app
 
 from eval._textmetrics import coser_bleu, coser_dialogue_text, coser_rouge_l
 from her_engines import Engine, GenRequest, GenResult
-from her_genrm._templates import JudgeOutputError
-from her_genrm._transcript import (
+from her_genrm import (
     DIMENSION_TITLES,
     FLAW_TYPES,
     SCORING_PROTOCOLS,
@@ -36,6 +35,7 @@ from her_genrm._transcript import (
     render_transcript,
     transcript_score,
 )
+from her_genrm._templates import JudgeOutputError
 from her_roleplay import DialogueLine
 from rm_server import ServerSettings, build_app
 

@@ -1,4 +1,4 @@
-"""`her serve`: run the GenRM service with uvicorn. Options are generated from `ServerSettings`.
+"""`her serve`: run the GenRM service (rm_server) with uvicorn. Flags are generated from `ServerSettings`.
 
 `her serve --replicas N` (also --max-replicas, --ray-address, or any RM_RAY_* setting) runs the same app
 on Ray Serve instead: N replicas, one judge engine each, behind Serve's HTTP proxy on the same host and
@@ -10,17 +10,15 @@ import argparse
 import logging
 import sys
 
-from ._settings import ServerSettings
+from rm_server import ServerSettings
+
+from ._flags import add_model_arguments, default_text, model_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (env RM_* still wins over it)")
-    for name, field in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.default if field.default is not None else "unset"
-        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                            help=f"{field.description or ''} (env RM_{name.upper()}; default: {default})"
-                            .replace("%", "%%"))
+    add_model_arguments(parser, ServerSettings,
+                        note=lambda name, field: f"env RM_{name.upper()}; default: {default_text(field)}")
     ray = parser.add_argument_group("scale-out on Ray Serve (needs `pip install 'ray[serve]'`)")
     ray.add_argument("--replicas", type=int, default=None, metavar="N",
                      help="run N replicas of the app on Ray Serve (one judge engine each) instead of one "
@@ -40,13 +38,13 @@ def _wants_ray(args: argparse.Namespace) -> bool:
 
 def run_on_ray(args: argparse.Namespace) -> int:
     try:
-        from ._ray import RaySettings, serve_forever, without_ray_env
+        from rm_server._ray import RaySettings, serve_forever, without_ray_env
     except ImportError as exc:
         print(f"her serve --replicas needs Ray Serve: pip install 'ray[serve]' ({exc})", file=sys.stderr)
         return 2
     ray_settings = RaySettings.load(replicas=args.replicas, max_replicas=args.max_replicas,
                                     address=args.ray_address)
-    overrides = {name: getattr(args, name) for name in ServerSettings.model_fields}
+    overrides = model_values(args, ServerSettings)
     with without_ray_env():
         settings = ServerSettings.load(args.config, **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -59,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         return run_on_ray(args)
     import uvicorn
 
-    from ._app import build_app
+    from rm_server import build_app
 
-    overrides = {name: getattr(args, name) for name in ServerSettings.model_fields}
+    overrides = model_values(args, ServerSettings)
     settings = ServerSettings.load(args.config, **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
