@@ -20,6 +20,7 @@ from ._books import scenes_for_pairs
 from ._negatives import FLAW_KINDS, hard_negatives
 from ._pairs import MixConfig, balance
 from ._policy import SPLITS, VERL_DATA_SOURCE, SplitConfig, build_and_export, parse_fractions
+from ._rollout_pairs import add_rollout_pair_arguments, run_rollout_pairs
 from ._sft import sft_records
 from ._stages import add_synth_arguments, run_synth
 from ._teacher_pairs import add_teacher_pair_arguments, run_teacher_pairs
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     teacher = sub.add_parser("teacher-pairs", help="labelled pairs: policy samples judged by a teacher GenRM "
                              "that sees the principle library, balanced by pattern")
     add_teacher_pair_arguments(teacher)
+    rollout = sub.add_parser("rollout-pairs", help="labelled pairs shaped like RL's: the book's line against a "
+                             "policy sample of the same turn, or the same character's line from another moment")
+    add_rollout_pair_arguments(rollout)
     pairs = sub.add_parser("pairs", help="balance judged pairs (output of `her judge`) by pattern")
     pairs.add_argument("--verdicts", required=True, help="jsonl written by `her judge`")
     pairs.add_argument("--out", required=True, help="output folder (a `datasets` dataset + pairs.jsonl)")
@@ -154,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_negatives(args)
     if args.stage == "teacher-pairs":
         return run_teacher_pairs(args)
+    if args.stage == "rollout-pairs":
+        return run_rollout_pairs(args)
     from datasets import Dataset
 
     records = [json.loads(x) for x in Path(args.verdicts).read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -87,15 +87,39 @@ def accuracy_errors_as_wrong(pairs: Sequence[LabelledPair], verdicts: Sequence[V
     return rate(all_pairs, lambda pv: pv[1].status == "ok" and pv[1].verdict == pv[0].label)
 
 
-def accuracy_by(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict],
-                key: Callable[[LabelledPair], str | None]) -> dict[str, Rate]:
-    """Accuracy per group of pairs (groups sorted by name; a missing key is the group ``none``)."""
+def _groups(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict], key: Callable[[LabelledPair], str | None],
+            ) -> dict[str, tuple[list[LabelledPair], list[Verdict]]]:
     groups: dict[str, tuple[list[LabelledPair], list[Verdict]]] = {}
     for p, v in zip(pairs, verdicts, strict=True):
         ps, vs = groups.setdefault(key(p) or NO_GROUP, ([], []))
         ps.append(p)
         vs.append(v)
-    return {name: accuracy(*groups[name]) for name in sorted(groups)}
+    return {name: groups[name] for name in sorted(groups)}
+
+
+def accuracy_by(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict],
+                key: Callable[[LabelledPair], str | None]) -> dict[str, Rate]:
+    """Accuracy per group of pairs (groups sorted by name; a missing key is the group ``none``)."""
+    return {name: accuracy(ps, vs) for name, (ps, vs) in _groups(pairs, verdicts, key).items()}
+
+
+def family_metrics(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict]) -> dict[str, dict[str, Any]]:
+    """Per pair family (``source``: hard_negative, teacher, policy_sample, wrong_moment): accuracy, swap
+    consistency and first-slot win rate, each with its 95% interval. A judge must hold on every family."""
+    return {
+        name: {"accuracy": accuracy(ps, vs).to_dict(), "swap_consistency": swap_consistency(vs).to_dict(),
+               "first_slot_win_rate": first_slot_win_rate(vs).to_dict()}
+        for name, (ps, vs) in _groups(pairs, verdicts, lambda p: p.source).items()
+    }
+
+
+def worst_family(families: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The family with the lowest accuracy (the headline of a judge: the average hides where it fails)."""
+    scored = [(f["accuracy"]["value"], name) for name, f in families.items() if f["accuracy"]["value"] is not None]
+    if not scored:
+        return None
+    value, name = min(scored)
+    return {"family": name, **families[name]["accuracy"]}
 
 
 def swap_consistency(verdicts: Sequence[Verdict]) -> Rate:
@@ -165,6 +189,8 @@ def agreement_metrics(pairs: Sequence[LabelledPair], verdicts: Sequence[Verdict]
         "prefer_longer_rate": prefer_longer_rate(pairs, verdicts).to_dict(),
         "tie_rate": tie_rate(verdicts).to_dict(),
         "errors": error_rate(verdicts).to_dict(),
+        "by_family": (families := family_metrics(pairs, verdicts)),
+        "worst_family": worst_family(families),
         "by_flaw_kind": {k: r.to_dict() for k, r in accuracy_by(pairs, verdicts, lambda p: p.flaw_kind).items()},
         "by_pattern": {k: r.to_dict() for k, r in accuracy_by(pairs, verdicts, lambda p: p.pattern).items()},
         "calibration": calibration(pairs, verdicts),

@@ -40,6 +40,10 @@ def _cell(r: dict[str, Any] | None) -> str:
     return f"{_fmt(r['value'])} {_ci(r)} ({r['hits']}/{r['n']})"
 
 
+def _worst(worst: dict[str, Any] | None) -> str:
+    return "–" if worst is None else f"{worst['family']}: {_cell(worst)}"
+
+
 def render_judge_markdown(summary: dict[str, Any], charts: list[tuple[str, str]]) -> str:
     judges = summary["judges"]
     lines = [
@@ -50,11 +54,12 @@ def render_judge_markdown(summary: dict[str, Any], charts: list[tuple[str, str]]
         f"engine: {summary['engine']}",
         "- intervals are 95% Wilson score intervals; a judge error is counted as an error, never as an answer.",
         "",
-        "| Judge | Mode | Model | Engine | Principle detail | Judged ok | Seconds | Prompt tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Judge | Mode | Model | Engine | Principle detail | Judged ok | Worst family: accuracy | Seconds | "
+        "Prompt tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(f"| {j['name']} | {j['mode']} | `{j['model']}` | {j['engine']} | {j['principle_detail']} | "
-          f"{j['metrics']['judged_ok']}/{j['metrics']['pairs']} | {j['seconds']:.1f} | "
-          f"{j['usage']['prompt_tokens']} |" for j in judges),
+          f"{j['metrics']['judged_ok']}/{j['metrics']['pairs']} | {_worst(j['metrics'].get('worst_family'))} | "
+          f"{j['seconds']:.1f} | {j['usage']['prompt_tokens']} |" for j in judges),
         "",
     ]
     for key, title, meaning in RATE_METRICS:
@@ -64,6 +69,17 @@ def render_judge_markdown(summary: dict[str, Any], charts: list[tuple[str, str]]
             r = j["metrics"][key]
             lines.append(f"| {j['name']} | {_fmt(r['value'])} | {_ci(r)} | {r['hits']} | {r['n']} |")
         lines.append("")
+    lines += ["## By pair family", "",
+              "Each family is one way the losing reply was made (`source` of the pairs); a judge is as good as its "
+              "worst family. Cells: rate [95% CI] (hits/counted).", "",
+              "| Family | Judge | Accuracy | Swap consistency | First-slot win rate |", "|---|---|---|---|---|"]
+    for family in sorted({f for j in judges for f in j["metrics"]["by_family"]}):
+        for j in judges:
+            f = j["metrics"]["by_family"].get(family)
+            if f is not None:
+                lines.append(f"| {family} | {j['name']} | {_cell(f['accuracy'])} | {_cell(f['swap_consistency'])} | "
+                             f"{_cell(f['first_slot_win_rate'])} |")
+    lines.append("")
     for key, title in (("by_flaw_kind", "Accuracy by flaw kind"), ("by_pattern", "Accuracy by label pattern")):
         groups = sorted({g for j in judges for g in j["metrics"][key]})
         lines += [f"## {title}", "", "Cells: accuracy [95% CI] (right/judged ok).", "",

@@ -36,8 +36,10 @@ def training_examples(
 ) -> list[dict]:
     """Conversational prompt/completion rows (TRL's format) for one labelled pair.
 
-    Raises ValueError for a cot example whose comparisons the output schema would not allow
-    (fewer than 3 or more than 5, or an id outside the template's library).
+    A pair without comparisons (no per-principle outcome is known, e.g. the book's line against a policy
+    sample) has no cot target and yields fast rows only. Raises ValueError for a cot example whose
+    comparisons the output schema would not allow (fewer than 3 or more than 5, or an id outside the
+    template's library).
     """
     a, b = for_judging(pair.a), for_judging(pair.b)
     rows = []
@@ -48,6 +50,8 @@ def training_examples(
             target: str
             if mode == "fast":
                 target = _slot(pair.label, a_first)
+            elif not pair.comparisons:
+                continue
             else:
                 if not MIN_PRINCIPLES <= len(pair.comparisons) <= MAX_PRINCIPLES:
                     raise ValueError(f"pair {pair.id}: {len(pair.comparisons)} comparisons; a cot answer holds "

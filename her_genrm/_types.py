@@ -13,7 +13,10 @@ TemplateName = Literal["compact", "her-rm"]
 Winner = Literal["a", "b", "tie"]
 Pattern = Literal["all_a", "all_b", "mixed", "tie"]
 Status = Literal["ok", "error"]
-PairSource = Literal["hard_negative", "teacher"]
+# hard_negative: a real line against a corrupted copy (data_builder/_negatives.py); teacher: two policy samples
+# judged by a teacher; policy_sample / wrong_moment: the book's line against a policy sample of the same turn /
+# the same character's line from another moment (data_builder/_rollout_pairs.py).
+PairSource = Literal["hard_negative", "teacher", "policy_sample", "wrong_moment"]
 
 
 class JudgeRequest(BaseModel):

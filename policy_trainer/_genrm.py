@@ -127,7 +127,9 @@ class GenRMRunConfig:
         return cls.from_dict(raw, base_dir=base_dir)
 
     def trl_args(self) -> Any:
-        return sft_config(self.sft, self.deepspeed, self.base_dir)
+        # Rows are shuffled by pair here (see GenRMRun._dataset); read in that order, both presentation orders
+        # of a pair share a batch. A config may still ask for TRL's random sampler.
+        return sft_config({"train_sampling_strategy": "sequential", **self.sft}, self.deepspeed, self.base_dir)
 
 
 def _train_top_layers(model: Any, n: int) -> None:
@@ -152,6 +154,18 @@ def read_pairs(paths: Iterable[str | Path]) -> list[Any]:
         return [pair for path in paths for pair in read_labelled_pairs(path)]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def shuffled_by_pair(rows: list[dict], seed: int) -> list[dict]:
+    """Pairs in random order, each pair's rows (both presentation orders) kept together: read in this order
+    (the sequential sampler of `trl_args`), both orders of a pair meet in one batch and pull the judge's slot
+    preference in opposite directions."""
+    by_pair: dict[str, list[dict]] = {}
+    for row in rows:
+        by_pair.setdefault(row["pair_id"], []).append(row)
+    groups = list(by_pair.values())
+    random.Random(seed).shuffle(groups)
+    return [row for group in groups for row in group]
 
 
 class GenRMRun:
@@ -184,7 +198,10 @@ class GenRMRun:
             rows = training_rows(pairs, template, modes=spec.modes, swap=spec.swap)  # type: ignore[arg-type]
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        random.Random(spec.seed).shuffle(rows)
+        if "cot" in spec.modes and (fast_only := sum(1 for p in pairs if not p.comparisons)):
+            log.info("%d of %d pairs have no per-principle outcomes (e.g. policy samples): fast rows only",
+                     fast_only, len(pairs))
+        rows = shuffled_by_pair(rows, spec.seed)
         return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
     def build(self) -> Any:

@@ -95,6 +95,12 @@ def test_agreement_metrics_on_hand_made_verdicts(hand_made):
         "assistant_voice": (1, 2), "broken_format": (1, 1), "mind_reading": (0, 1), "none": (1, 1)}
     assert {k: _value(v) for k, v in m["by_pattern"].items()} == {
         "all_a": (1, 2), "all_b": (0, 1), "none": (1, 1), "tie": (1, 1)}
+    families = {k: {metric: _value(r) for metric, r in v.items()} for k, v in m["by_family"].items()}
+    assert families == {  # p5 is the one teacher pair; its tie orders name no slot
+        "hard_negative": {"accuracy": (2, 4), "swap_consistency": (2, 3), "first_slot_win_rate": (6, 8)},
+        "teacher": {"accuracy": (1, 1), "swap_consistency": (1, 1), "first_slot_win_rate": (0, 0)},
+    }
+    assert m["worst_family"]["family"] == "hard_negative" and _value(m["worst_family"]) == (2, 4)
     lo, hi = m["accuracy"]["ci95"]
     assert (lo, hi) == pytest.approx(wilson_interval(3, 5))
     json.dumps(m)  # metrics.json material

@@ -12,9 +12,9 @@ import pytest
 
 from data_builder._books import load_book
 from data_builder._negatives import hard_negatives
-from her_genrm import JUDGE_CARD_FILE, CompactTemplate, read_judge_card
+from her_genrm import JUDGE_CARD_FILE, CompactTemplate, read_judge_card, training_rows
 from her_roleplay import default_library
-from policy_trainer._genrm import GenRMRun, GenRMRunConfig
+from policy_trainer._genrm import GenRMRun, GenRMRunConfig, shuffled_by_pair
 from policy_trainer._setup import ConfigError
 
 COSER = Path(__file__).resolve().parent / "data" / "coser"
@@ -52,6 +52,24 @@ def test_config_errors_name_the_field(tmp_path):
         GenRMRun(_config(tmp_path, bad)).build()
 
 
+def test_both_orders_of_a_pair_are_read_together_and_policy_samples_train_fast_only(tmp_path):
+    negatives = hard_negatives(load_book(COSER / "book_othello.json")[:2], per_turn=1, seed=0)[:6]
+    sample = negatives[0].model_copy(update={"id": "sample", "source": "policy_sample", "comparisons": [],
+                                             "pattern": None, "flaw_kind": None})
+    rows = training_rows([*negatives, sample], CompactTemplate(default_library()), modes=["fast", "cot"])
+    # 6 hard negatives x 2 orders x 2 modes, and the policy sample's 2 fast rows (it has no cot target)
+    assert len(rows) == 6 * 4 + 2
+    assert {(r["mode"], r["a_first"]) for r in rows if r["pair_id"] == "sample"} == {("fast", True), ("fast", False)}
+    ordered = shuffled_by_pair(rows, seed=3)
+    ids = [r["pair_id"] for r in ordered]
+    runs = [pid for k, pid in enumerate(ids) if k == 0 or ids[k - 1] != pid]
+    assert sorted(runs) == sorted(p.id for p in [*negatives, sample])  # each pair's rows are one contiguous run
+    assert runs != [p.id for p in [*negatives, sample]]  # and the pairs are shuffled
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(p.model_dump_json() + "\n" for p in negatives), encoding="utf-8")
+    assert _config(tmp_path, pairs).trl_args().train_sampling_strategy == "sequential"  # the trainer keeps it
+
+
 @pytest.mark.model
 def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
     """LoRA on a tiny random Llama: the adapters are merged, so the folder loads without peft."""
@@ -71,7 +89,7 @@ def test_lora_run_merges_into_a_plain_model_folder(tmp_path):
 
 
 @pytest.mark.model
-@pytest.mark.timeout(1800)  # training (its own 900 s guard), then a server start and two judgments: one hang guard
+@pytest.mark.timeout(1800)  # training (its own 900 s guard), a server start, two judgments, `her judge`: one hang guard
 @pytest.mark.own_engine
 def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     """The README's `her train genrm` with the shipped CPU config, then `her serve --model DIR`."""
@@ -117,6 +135,7 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
         trained_prompt = CompactTemplate(default_library(), principle_detail="none")
         assert info["templates"]["compact"] == trained_prompt.template_hash
         pair = json.loads(pairs.read_text().splitlines()[0])
+        served = {}
         for mode in ("fast", "cot"):
             body = {"context": pair["context"], "a": pair["a"], "b": pair["b"], "mode": mode}
             verdict = httpx.post(f"{server.base_url}/v1/judge", json=body, timeout=300).json()
@@ -124,6 +143,18 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
             assert verdict["verdict"] in ("a", "b", "tie") and 0.0 <= verdict["p_a"] <= 1.0
             if mode == "cot":
                 assert len(verdict["comparisons"]) >= 3
+            served[mode] = verdict
     finally:
         left = server.terminate_gracefully()
     assert not left
+
+    # `her judge --model DIR` reads the same card: the same prompt, so the same fast verdict on the same pair
+    (tmp_path / "one.jsonl").write_text(json.dumps({"id": "p", "context": pair["context"], "a": pair["a"],
+                                                     "b": pair["b"]}) + "\n")
+    done = subprocess.run([her, "judge", "--in", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "v.jsonl"),
+                           "--mode", "fast", "--model", str(out), "--kv-cache-gib", "0.5"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    local = json.loads((tmp_path / "v.jsonl").read_text().splitlines()[0])
+    assert local["verdict"] == served["fast"]["verdict"]
+    assert local["p_a"] == pytest.approx(served["fast"]["p_a"], abs=1e-3)
