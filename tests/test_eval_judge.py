@@ -284,3 +284,28 @@ def test_eval_judge_command_rejects_a_bad_judge_before_loading(tmp_path):
     assert done.returncode != 0
     assert "NAME=MODEL" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_matrix_marks_unseen_families_and_heads_with_the_worst(hand_made):
+    """bench/genrm_demo.py's train-set x family matrix, from `her eval judge` metrics."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("genrm_demo", Path(__file__).parents[1] / "bench" / "genrm_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    m = agreement_metrics(*hand_made)
+    metrics = {"judges": [{"name": "base", "mode": "fast", "metrics": m},
+                          {"name": "hn", "mode": "fast", "metrics": m}]}
+    table = demo.matrix(metrics, {"hn": ["hard_negative"]})
+    base, trained = table["rows"]
+    assert base["trained_on"] == [] and not any(c["seen"] for c in base["cells"].values())
+    assert set(trained["cells"]) == {"hard_negative"} and trained["cells"]["hard_negative"]["seen"]  # demo families
+    # the base model saw no family: its worst is hard_negative (2/4); the trained judge saw that one, and the
+    # families of the demo it did not see are absent from these pairs: no unseen cell, no headline
+    assert base["worst_unseen"] == {"family": "hard_negative", "accuracy": 0.5}
+    assert trained["worst_unseen"] is None
+    text = demo.render_matrix(table)
+    assert "**0.500**" in text and "| hn | fast | hard_negative | 0.500" in text
+    assert demo.parse_train_set("all=hard_negative+wrong_moment") == ("all", ["hard_negative", "wrong_moment"])
+    with pytest.raises(SystemExit, match="NAME=FAMILY"):
+        demo.parse_train_set("x=paraphrase")
