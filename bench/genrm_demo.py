@@ -3,7 +3,7 @@ books, train the bundled 135M model as a judge on some families of one book, and
 of the other book, trained judges beside the base model in one `her eval judge` run: the train-set × test-family
 matrix. A judge's headline is its worst family it did not train on, never the average.
 
-    .venv/bin/python bench/genrm_demo.py                 # the full matrix (three judges; about 75 min on 2 cores)
+    .venv/bin/python bench/genrm_demo.py                 # the full matrix (three judges; about 35 min on 2 cores)
     .venv/bin/python bench/genrm_demo.py --quick         # one judge, a few steps: checks the pipeline, not the figure
     .venv/bin/python bench/genrm_demo.py --train-set all=hard_negative+wrong_moment+policy_sample ...
 
@@ -162,7 +162,7 @@ def main() -> int:
     parser.add_argument("--train-set", action="append", dest="train_sets", metavar="NAME=FAMILY[+FAMILY]",
                         help=f"a judge to train, on these families of the training book (repeatable; default: one "
                              f"judge per family: {' '.join(DEFAULT_TRAIN_SETS)})")
-    parser.add_argument("--max-steps", type=int, default=60, help="training steps per judge (default 60)")
+    parser.add_argument("--max-steps", type=int, default=40, help="training steps per judge (default 40)")
     parser.add_argument("--train-pairs-per-turn", type=int, default=2, help="hard negatives per training turn")
     parser.add_argument("--heldout-per-family", type=int, default=60, help="held-out pairs judged per family")
     parser.add_argument("--cot-limit", type=int, default=0,
