@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from her_engines import ChatMessage
 from her_genrm import Comparison, LabelledPair
 from her_roleplay import (
     ENVIRONMENT,
@@ -39,6 +40,7 @@ from her_roleplay import (
     Scene,
     Segment,
     as_her,
+    build_chat_prompt,
     parse_reply,
     public_view,
     render_her,
@@ -262,6 +264,25 @@ def turns_of(scene: Scene) -> Iterable[Turn]:
         last_speech = re.sub(r"<role_action>.*?</role_action>", "", last).strip()
         others = tuple(n for n in cast if n.casefold() != line.character.casefold())
         yield Turn(scene, i, line.character, reply, others, last_speech or None)
+
+
+def actor_turns(scenes: Iterable[Scene], turns_per_scene: int | None = None) -> list[tuple[Turn, list[ChatMessage]]]:
+    """Every character turn a policy can write (at most ``turns_per_scene`` per scene), with the actor prompt
+    for it (`build_chat_prompt`, without a system_thinking plan) over the book's lines before it."""
+    units = []
+    for scene in scenes:
+        picked = 0
+        for turn in turns_of(scene):
+            if turns_per_scene is not None and picked >= turns_per_scene:
+                break
+            history = [(line.character, as_her(line.message)) for line in scene.dialogues[: turn.index]]
+            try:
+                prompt = build_chat_prompt(scene, turn.speaker, history, with_system_thinking=False)
+            except ValueError:
+                continue  # the speaker's previous line comes right before: no new turn to write
+            units.append((turn, prompt))
+            picked += 1
+    return units
 
 
 def _pair_id(scene: Scene, index: int, flaw_kind: str) -> str:

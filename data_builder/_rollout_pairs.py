@@ -25,11 +25,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from her_engines import ChatMessage, Engine, GenRequest
+from her_engines import Engine, GenRequest
 from her_genrm import Comparison, LabelledPair, PairSource
-from her_roleplay import Scene, as_her, build_chat_prompt, for_judging, render_her
+from her_roleplay import Scene, for_judging, render_her
 
-from ._negatives import Turn, judge_context, turns_of
+from ._negatives import Turn, actor_turns, judge_context, turns_of
 
 __all__ = ["ROLLOUT_FAMILIES", "policy_sample_pairs", "wrong_moment_pairs"]
 
@@ -86,10 +86,6 @@ def wrong_moment_pairs(scenes: Iterable[Scene], *, per_turn: int = 1, seed: int 
     return pairs
 
 
-def _history(scene: Scene, index: int) -> list[tuple[str, str]]:
-    return [(line.character, as_her(line.message)) for line in scene.dialogues[:index]]
-
-
 async def policy_sample_pairs(
     scenes: Sequence[Scene], policy: Engine, *, per_turn: int = 1, turns_per_scene: int | None = None,
     temperature: float = 0.9, max_tokens: int = 160, seed: int = 0, batch_size: int = 8,
@@ -97,18 +93,7 @@ async def policy_sample_pairs(
     """(pairs, counts of turns dropped and why): the book's line against ``per_turn`` policy samples of it."""
     if per_turn < 1:
         raise ValueError(f"per_turn must be >= 1, got {per_turn}")
-    units: list[tuple[Turn, list[ChatMessage], int]] = []
-    for scene in scenes:
-        picked = 0
-        for turn in turns_of(scene):
-            if turns_per_scene is not None and picked >= turns_per_scene:
-                break
-            try:
-                prompt = build_chat_prompt(scene, turn.speaker, _history(scene, turn.index), with_system_thinking=False)
-            except ValueError:
-                continue  # the speaker's previous line comes right before: no new turn to write
-            units.extend((turn, prompt, k) for k in range(per_turn))
-            picked += 1
+    units = [(turn, prompt, k) for turn, prompt in actor_turns(scenes, turns_per_scene) for k in range(per_turn)]
     pairs: list[LabelledPair] = []
     dropped: Counter = Counter()
     for start in range(0, len(units), batch_size):

@@ -22,9 +22,9 @@ from rich.progress import Progress
 
 from her_engines import Engine, GenRequest
 from her_genrm import GenRM, GenRMConfig, JudgeRequest, LabelledPair, pattern_of
-from her_roleplay import Scene, as_her, build_chat_prompt, for_judging
+from her_roleplay import Scene, for_judging
 
-from ._negatives import judge_context, turns_of
+from ._negatives import actor_turns, judge_context
 from ._pairs import MixConfig, balance
 
 __all__ = ["MIN_TEACHER_COMPARISONS", "balance_labelled", "teacher_pairs"]
@@ -32,28 +32,12 @@ __all__ = ["MIN_TEACHER_COMPARISONS", "balance_labelled", "teacher_pairs"]
 MIN_TEACHER_COMPARISONS = 3
 
 
-def _history(scene: Scene, index: int) -> list[tuple[str, str]]:
-    return [(line.character, as_her(line.message)) for line in scene.dialogues[:index]]
-
-
 async def teacher_pairs(
     scenes: Sequence[Scene], policy: Engine, teacher: GenRM, *, turns_per_scene: int | None = None,
     temperature: float = 0.9, max_tokens: int = 160, seed: int = 0, batch_size: int = 8,
 ) -> tuple[list[LabelledPair], Counter]:
     """(kept pairs, counts of what was dropped and why). Nothing is labelled when the teacher failed."""
-    units = []
-    for scene in scenes:
-        picked = 0
-        for turn in turns_of(scene):
-            if turns_per_scene is not None and picked >= turns_per_scene:
-                break
-            try:
-                prompt = build_chat_prompt(scene, turn.speaker, _history(scene, turn.index),
-                                           with_system_thinking=False)
-            except ValueError:
-                continue  # the speaker's previous line comes right before: no new turn to write
-            units.append((turn, prompt))
-            picked += 1
+    units = actor_turns(scenes, turns_per_scene)
     kept: list[LabelledPair] = []
     dropped: Counter = Counter()
     with Progress() as progress:
