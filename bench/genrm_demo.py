@@ -3,9 +3,15 @@ books, train the bundled 135M model as a judge on some families of one book, and
 of the other book, trained judges beside the base model in one `her eval judge` run: the train-set × test-family
 matrix. A judge's headline is its worst family it did not train on, never the average.
 
-    .venv/bin/python bench/genrm_demo.py                 # the full matrix (three judges; about 35 min on 2 cores)
+    .venv/bin/python bench/genrm_demo.py                 # the full matrix (the default judges below)
     .venv/bin/python bench/genrm_demo.py --quick         # one judge, a few steps: checks the pipeline, not the figure
-    .venv/bin/python bench/genrm_demo.py --train-set all=hard_negative+wrong_moment+policy_sample ...
+    .venv/bin/python bench/genrm_demo.py --train-set all=hard_negative+wrong_moment+policy_sample:consistency ...
+
+A train set is NAME=FAMILY[+FAMILY...][:OPTION...]; the options: `consistency` (the order-consistency term of
+`her train genrm`), `rl` (then the judge's GRPO stage, `her train genrm-rl`, on the same pairs: a second judge
+NAME-rl, so SFT alone and SFT+RL sit side by side), `cot` (cot answers trained too; the judge is also measured in
+cot mode on `--cot-per-family` held-out pairs of each family). The default judges, all trained on hard negatives
+only, compare plain SFT, SFT+RL, SFT with the consistency term, and a cot-trained judge with the consistency term.
 
 Families (each a `source` of `her_genrm.LabelledPair`):
 
@@ -14,10 +20,11 @@ Families (each a `source` of `her_genrm.LabelledPair`):
 - `policy_sample`: the book's line against the bundled model's own reply for the turn (`her build rollout-pairs`).
 
 Every stage runs the real command a user would type; the script times them and writes bench/results/genrm_demo/:
-`train_{family}.jsonl` (King Lear), `heldout.jsonl` (Othello, at most `--heldout-per-family` pairs of each family;
-the held-out book is never trained on; CoSER's evaluation scenes are excluded from both), `judge_{name}/` (each
-trained judge; serves as is with `her serve --model`), `report/` (`her eval judge`: report.md, metrics.json,
-PNGs), `matrix.md` + `matrix.png` (accuracy per judge and family, unseen families marked) and `demo_summary.json`.
+`train_{name}.jsonl` (King Lear), `heldout.jsonl` (Othello, at most `--heldout-per-family` pairs of each family;
+the held-out book is never trained on; CoSER's evaluation scenes are excluded from both), `heldout_cot.jsonl`
+(its cot subset), `judge_{name}/` (each trained judge; serves as is with `her serve --model`), `report/` and
+`report_cot/` (`her eval judge`: report.md, metrics.json, PNGs), `matrix.md` + `matrix.png` (accuracy per judge
+and family, unseen families marked) and `demo_summary.json`.
 Precision follows the CPU (bf16 only where it is native: `policy_trainer/configs/genrm_demo_cpu.yaml`).
 """
 
@@ -37,7 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COSER = ROOT / "tests" / "data" / "coser"
 HER = str(Path(sys.executable).with_name("her"))
 FAMILIES = ("hard_negative", "wrong_moment", "policy_sample")
-DEFAULT_TRAIN_SETS = [f"{family}={family}" for family in FAMILIES]
+OPTIONS = ("consistency", "rl", "cot")
+DEFAULT_TRAIN_SETS = ["hard_negative=hard_negative:rl", "hard_negative_consistent=hard_negative:consistency",
+                      "hard_negative_cot=hard_negative:consistency:cot"]
 
 
 def run(stage: str, argv: list[str], timings: dict[str, float]) -> None:
@@ -56,12 +65,15 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def parse_train_set(text: str) -> tuple[str, list[str]]:
-    name, _, families = text.partition("=")
+def parse_train_set(text: str) -> tuple[str, list[str], set[str]]:
+    """NAME=FAMILY[+FAMILY...][:OPTION...] → (name, families, options)."""
+    name, _, rest = text.partition("=")
+    families, *options = rest.split(":")
     chosen = [f for f in families.split("+") if f]
-    if not name or not chosen or set(chosen) - set(FAMILIES):
-        raise SystemExit(f"--train-set {text!r}: expected NAME=FAMILY[+FAMILY...] with families from {FAMILIES}")
-    return name, chosen
+    if not name or name.endswith("-rl") or not chosen or set(chosen) - set(FAMILIES) or set(options) - set(OPTIONS):
+        raise SystemExit(f"--train-set {text!r}: expected NAME=FAMILY[+FAMILY...][:OPTION...] with families from "
+                         f"{FAMILIES} and options from {OPTIONS}")
+    return name, chosen, set(options)
 
 
 def build_pairs(book: str, out: Path, stage: str, args: argparse.Namespace, timings: dict[str, float],
@@ -159,17 +171,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "genrm_demo"))
     parser.add_argument("--quick", action="store_true", help="one judge, a few steps and pairs (pipeline check)")
-    parser.add_argument("--train-set", action="append", dest="train_sets", metavar="NAME=FAMILY[+FAMILY]",
-                        help=f"a judge to train, on these families of the training book (repeatable; default: one "
-                             f"judge per family: {' '.join(DEFAULT_TRAIN_SETS)})")
+    parser.add_argument("--train-set", action="append", dest="train_sets", metavar="NAME=FAMILY[+FAMILY][:OPTION]",
+                        help="a judge to train, on these families of the training book; options: consistency (the "
+                             "order-consistency term), rl (then `her train genrm-rl`: a second judge NAME-rl), cot "
+                             "(cot answers too; also judged in cot mode). Repeatable; default: "
+                             + " ".join(DEFAULT_TRAIN_SETS))
     parser.add_argument("--max-steps", type=int, default=40, help="training steps per judge (default 40)")
+    parser.add_argument("--rl-steps", type=int, default=20, help="GRPO steps of the rl option (default 20)")
+    parser.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the consistency option")
     parser.add_argument("--train-pairs-per-turn", type=int, default=2, help="hard negatives per training turn")
-    parser.add_argument("--heldout-per-family", type=int, default=60, help="held-out pairs judged per family")
-    parser.add_argument("--cot-limit", type=int, default=0,
-                        help="also judge this many held-out pairs in cot mode (about 28 s a pair here; default 0)")
+    parser.add_argument("--heldout-per-family", type=int, default=40, help="held-out pairs judged per family")
+    parser.add_argument("--cot-per-family", type=int, default=10,
+                        help="held-out pairs per family the cot-trained judges also answer in cot mode (a cot "
+                             "answer is a few hundred tokens per order: seconds per pair here; default 10)")
     args = parser.parse_args()
-    train_sets = dict(parse_train_set(t) for t in (args.train_sets or (
-        ["hard_negative=hard_negative"] if args.quick else DEFAULT_TRAIN_SETS)))
+    parsed = [parse_train_set(t) for t in (args.train_sets or (
+        ["quick=hard_negative:consistency:rl:cot"] if args.quick else DEFAULT_TRAIN_SETS))]
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -185,22 +202,41 @@ def main() -> int:
     judged = [row for family in FAMILIES
               for row in random.Random(family).sample(heldout[family], min(per_family, len(heldout[family])))]
     write_jsonl(out / "heldout.jsonl", judged)
+    cot_per_family = 2 if args.quick else args.cot_per_family
+    write_jsonl(out / "heldout_cot.jsonl",
+                [row for family in FAMILIES for row in [r for r in judged if r["source"] == family][:cot_per_family]])
 
     judges = ["--judge", "base=smollm2-135m-instruct"]
-    config = str(ROOT / "policy_trainer" / "configs" / "genrm_demo_cpu.yaml")
-    for name, families in train_sets.items():
+    cot_judges: list[str] = []
+    train_sets: dict[str, list[str]] = {}
+    steps = str(3 if args.quick else args.max_steps)
+    for name, families, options in parsed:
         pairs_file = out / f"train_{name}.jsonl"
         write_jsonl(pairs_file, [row for family in families for row in train[family]])
-        run(f"train_{name}", ["train", "genrm", "--config", config, "--pairs", str(pairs_file),
-                              "--output-dir", str(out / f"judge_{name}"),
-                              "--max-steps", str(3 if args.quick else args.max_steps)], timings)
+        extra = ["--consistency-weight", str(args.consistency_weight)] if "consistency" in options else []
+        extra += ["--modes", "fast", "cot"] if "cot" in options else []
+        run(f"train_{name}", ["train", "genrm", "--config", str(ROOT / "policy_trainer" / "configs" /
+                                                                "genrm_demo_cpu.yaml"),
+                              "--pairs", str(pairs_file), "--output-dir", str(out / f"judge_{name}"),
+                              "--max-steps", steps, *extra], timings)
+        train_sets[name] = families
         judges += ["--judge", f"{name}={out / f'judge_{name}'}"]
+        if "cot" in options:
+            cot_judges += ["--judge", f"{name}={out / f'judge_{name}'}"]
+        if "rl" in options:
+            run(f"train_{name}-rl", ["train", "genrm-rl", "--config", str(ROOT / "policy_trainer" / "configs" /
+                                                                         "genrm_rl_cpu.yaml"),
+                                     "--model", str(out / f"judge_{name}"), "--pairs", str(pairs_file),
+                                     "--output-dir", str(out / f"judge_{name}-rl"),
+                                     "--max-steps", str(2 if args.quick else args.rl_steps)], timings)
+            train_sets[f"{name}-rl"] = families
+            judges += ["--judge", f"{name}-rl={out / f'judge_{name}-rl'}"]
     run("eval_fast", ["eval", "judge", "--pairs", str(out / "heldout.jsonl"), "--mode", "fast", *judges,
                       "--out", str(out / "report")], timings)
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    if args.cot_limit:
-        run("eval_cot", ["eval", "judge", "--pairs", str(out / "heldout.jsonl"), "--mode", "cot", *judges,
-                         "--limit", str(args.cot_limit), "--out", str(out / "report_cot")], timings)
+    if cot_judges and cot_per_family:
+        run("eval_cot", ["eval", "judge", "--pairs", str(out / "heldout_cot.jsonl"), "--mode", "cot", *cot_judges,
+                         "--out", str(out / "report_cot")], timings)
         metrics["judges"] += json.loads((out / "report_cot" / "metrics.json").read_text())["judges"]
 
     m = matrix(metrics, train_sets)
@@ -213,7 +249,8 @@ def main() -> int:
         "stage_time_s": timings,
         "train_pairs": {family: len(rows) for family, rows in train.items()},
         "heldout_pairs_judged": {family: sum(r["source"] == family for r in judged) for family in FAMILIES},
-        "train_sets": train_sets,
+        "heldout_pairs_judged_cot": cot_per_family if cot_judges else 0,
+        "train_sets": {name: {"families": families, "options": sorted(options)} for name, families, options in parsed},
         "worst_unseen_family": min(unseen, key=lambda w: w["accuracy"]) if unseen else None,
         "matrix": str(out / "matrix.md"),
     }

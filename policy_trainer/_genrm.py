@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GenRMDataSpec", "GenRMRun", "GenRMRunConfig", "LoraSpec"]
 
-_TOP_KEYS = {"model", "data", "lora", "train_layers", "sft", "deepspeed"}
+_TOP_KEYS = {"model", "data", "lora", "train_layers", "consistency_weight", "sft", "deepspeed"}
 _MODES: tuple[str, ...] = get_args(Mode)
 
 
@@ -88,11 +88,21 @@ class GenRMRunConfig:
     train_layers: int | None = None
     """Train only the top N decoder layers and the final norm (None: all weights). The backward pass
     then stops N layers deep: on CPU, several times cheaper per example. Not combined with LoRA."""
+    consistency_weight: float = 0.0
+    """Weight of the order-consistency term (J1's idea, as a loss): the Jensen–Shannon divergence between the
+    fast verdicts of a pair's two presentation orders, read in a/b terms, so the judge says the same thing
+    whichever slot a reply sits in. 0: plain SFT. Needs fast rows in both orders (data.swap)."""
     deepspeed: str | None = None
     base_dir: Path | None = None
 
     def __post_init__(self) -> None:
         from trl import SFTConfig
+
+        pairs_both_orders_fast = self.data.swap and "fast" in self.data.modes
+        if self.consistency_weight < 0 or (self.consistency_weight and not pairs_both_orders_fast):
+            raise ConfigError(f"consistency_weight={self.consistency_weight}: give a weight >= 0, and with it "
+                              "data.swap: true and fast in data.modes (the term compares the fast verdicts of a "
+                              "pair's two orders)")
 
         if self.train_layers is not None and (self.train_layers < 1 or self.lora is not None):
             raise ConfigError(f"train_layers={self.train_layers}: give a positive number of top layers, "
@@ -113,17 +123,24 @@ class GenRMRunConfig:
             sft=dict(raw["sft"] or {}),
             lora=dataclass_from(LoraSpec, "lora", raw["lora"]) if raw.get("lora") else None,
             train_layers=raw.get("train_layers"),
+            consistency_weight=float(raw.get("consistency_weight") or 0.0),
             deepspeed=raw.get("deepspeed"),
             base_dir=base_dir,
         )
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None,
-                  pairs: list[str] | None = None) -> GenRMRunConfig:
+                  pairs: list[str] | None = None, modes: list[str] | None = None,
+                  consistency_weight: float | None = None) -> GenRMRunConfig:
         raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps)
-        if pairs:
-            # command-line files count from the working directory, not the YAML's folder
-            raw["data"] = {**(raw.get("data") or {}), "pairs": [str(Path(p).resolve()) for p in pairs]}
+        data = dict(raw.get("data") or {})
+        if pairs:  # command-line files count from the working directory, not the YAML's folder
+            data["pairs"] = [str(Path(p).resolve()) for p in pairs]
+        if modes:
+            data["modes"] = list(modes)
+        raw["data"] = data
+        if consistency_weight is not None:
+            raw["consistency_weight"] = consistency_weight
         return cls.from_dict(raw, base_dir=base_dir)
 
     def trl_args(self) -> Any:
@@ -132,7 +149,7 @@ class GenRMRunConfig:
         return sft_config({"train_sampling_strategy": "sequential", **self.sft}, self.deepspeed, self.base_dir)
 
 
-def _train_top_layers(model: Any, n: int) -> None:
+def train_top_layers(model: Any, n: int) -> None:
     layers = model.model.layers
     if n > len(layers):
         raise ConfigError(f"train_layers={n} but the model has {len(layers)} layers")
@@ -202,7 +219,11 @@ class GenRMRun:
             log.info("%d of %d pairs have no per-principle outcomes (e.g. policy samples): fast rows only",
                      fast_only, len(pairs))
         rows = shuffled_by_pair(rows, spec.seed)
-        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        if not self.config.consistency_weight:
+            return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        index = {pair_id: k for k, pair_id in enumerate(dict.fromkeys(r["pair_id"] for r in rows))}
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "a_first": r["a_first"],
+                                   "pair_index": index[r["pair_id"]] if r["mode"] == "fast" else -1} for r in rows])
 
     def build(self) -> Any:
         if self.trainer is not None:
@@ -216,14 +237,25 @@ class GenRMRun:
         dataset = self._dataset()
         model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
         if cfg.train_layers is not None:
-            _train_top_layers(model, cfg.train_layers)
+            train_top_layers(model, cfg.train_layers)
         peft_config = None
         if cfg.lora is not None:
             from peft import LoraConfig
 
             peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-        self.trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
+        trainer_class: type = SFTTrainer
+        if cfg.consistency_weight:
+            from her_genrm import CompactTemplate
+
+            from ._order_consistency import order_consistent_trainer
+
+            value_of = {slot: value for value, slot in CompactTemplate.verdict_values}
+            ids = [tokenizer(value_of[slot], add_special_tokens=False).input_ids[0] for slot in ("A", "B", "tie")]
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"consistency_weight: the verdicts {value_of} share a first token in this tokenizer")
+            trainer_class = order_consistent_trainer(cfg.consistency_weight, ids)
+        self.trainer = trainer_class(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
                                   peft_config=peft_config, callbacks=self._callbacks)
         return self.trainer
 

@@ -1,7 +1,9 @@
-"""`her train sft|grpo|genrm`: run a training config.
+"""`her train sft|grpo|genrm|genrm-rl`: run a training config.
 
     her train sft  --config policy_trainer/configs/sft_cpu_smoke.yaml
     her train genrm --config policy_trainer/configs/genrm_cpu.yaml --pairs pairs.jsonl --output-dir judge/
+    her train genrm-rl --config policy_trainer/configs/genrm_rl_cpu.yaml --model judge/ --pairs pairs.jsonl \
+        --output-dir judge_rl/
     her train grpo --config policy_trainer/configs/grpo_cpu_smoke.yaml --reward-url http://127.0.0.1:8000
 
 On GPUs, under a launcher (the DeepSpeed settings then come from the accelerate file, so the
@@ -36,9 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     genrm = sub.add_parser("genrm", help="fine-tune a judge on labelled pairs (her build negatives / teacher-pairs)",
                            description="GenRM training with TRL's SFTTrainer on labelled pairs; the output "
                                        "folder serves as is with `her serve --model DIR`.")
-    genrm.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
-                       help="labelled pair files; override data.pairs of the config")
-    for sp in (sft, grpo, genrm):
+    genrm_rl = sub.add_parser("genrm-rl", help="the judge's RL stage: GRPO on verdict = label, both orders agreeing",
+                              description="GRPO with TRL's GRPOTrainer on a judge's fast verdicts: reward 1 for the "
+                                          "labelled winner plus a bonus when both presentation orders agree.")
+    genrm_rl.add_argument("--model", default=None, metavar="DIR",
+                          help="the judge to start from (a `her train genrm` folder); overrides model.name_or_path")
+    genrm.add_argument("--modes", nargs="+", choices=["fast", "cot"], default=None,
+                       help="answers to train; override data.modes of the config")
+    genrm.add_argument("--consistency-weight", type=float, default=None, metavar="W",
+                       help="weight of the order-consistency term; overrides consistency_weight (0: plain SFT)")
+    for sp in (genrm, genrm_rl):
+        sp.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
+                        help="labelled pair files; override data.pairs of the config")
+    for sp in (sft, grpo, genrm, genrm_rl):
         sp.add_argument("--config", required=True, metavar="FILE",
                         help="training YAML (see policy_trainer/configs/*_cpu_smoke.yaml)")
         sp.add_argument("--output-dir", default=None, metavar="DIR", help="override the config's output_dir")
@@ -71,8 +83,15 @@ def run(args: argparse.Namespace) -> int:
             from ._genrm import GenRMRun, GenRMRunConfig
 
             genrm_config = GenRMRunConfig.from_yaml(args.config, output_dir=args.output_dir,
-                                                    max_steps=args.max_steps, pairs=args.pairs)
+                                                    max_steps=args.max_steps, pairs=args.pairs, modes=args.modes,
+                                                    consistency_weight=args.consistency_weight)
             result = GenRMRun(genrm_config).train()
+        elif args.train_command == "genrm-rl":
+            from ._genrm_rl import GenRMRLRun, GenRMRLRunConfig
+
+            rl_config = GenRMRLRunConfig.from_yaml(args.config, model=args.model, output_dir=args.output_dir,
+                                                   max_steps=args.max_steps, pairs=args.pairs)
+            result = GenRMRLRun(rl_config).train()
         else:
             from ._sft import SFTRun, SFTRunConfig
 

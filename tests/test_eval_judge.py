@@ -306,6 +306,8 @@ def test_demo_matrix_marks_unseen_families_and_heads_with_the_worst(hand_made):
     assert trained["worst_unseen"] is None
     text = demo.render_matrix(table)
     assert "**0.500**" in text and "| hn | fast | hard_negative | 0.500" in text
-    assert demo.parse_train_set("all=hard_negative+wrong_moment") == ("all", ["hard_negative", "wrong_moment"])
-    with pytest.raises(SystemExit, match="NAME=FAMILY"):
-        demo.parse_train_set("x=paraphrase")
+    assert demo.parse_train_set("all=hard_negative+wrong_moment") == ("all", ["hard_negative", "wrong_moment"], set())
+    assert demo.parse_train_set("c=policy_sample:consistency:rl") == ("c", ["policy_sample"], {"consistency", "rl"})
+    for bad in ("x=paraphrase", "x=hard_negative:dpo", "a-rl=hard_negative"):  # NAME-rl names the rl stage's judge
+        with pytest.raises(SystemExit, match="NAME=FAMILY"):
+            demo.parse_train_set(bad)

@@ -158,3 +158,39 @@ def test_few_steps_make_a_folder_the_service_serves(tmp_path):
     local = json.loads((tmp_path / "v.jsonl").read_text().splitlines()[0])
     assert local["verdict"] == served["fast"]["verdict"]
     assert local["p_a"] == pytest.approx(served["fast"]["p_a"], abs=1e-3)
+
+
+def test_the_order_divergence_is_zero_for_a_consistent_judge_and_grows_with_a_slot_preference():
+    import torch
+
+    from policy_trainer._order_consistency import in_ab_terms, order_divergence
+
+    def winners(slot_probs, a_first):
+        return in_ab_terms(torch.tensor(slot_probs).log(), torch.tensor(a_first))
+
+    pair = torch.tensor([0, 0])
+    # the same judgment in both orders: "a" is A when a is first, B when it is second
+    consistent = winners([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]], [True, False])
+    assert order_divergence(consistent, pair).item() == pytest.approx(0.0, abs=1e-6)
+    # a judge that names slot B whatever it reads disagrees with itself once the pair is swapped
+    mild = order_divergence(winners([[0.4, 0.5, 0.1], [0.4, 0.5, 0.1]], [True, False]), pair).item()
+    strong = order_divergence(winners([[0.05, 0.9, 0.05], [0.05, 0.9, 0.05]], [True, False]), pair).item()
+    assert 0.0 < mild < strong <= float(torch.log(torch.tensor(2.0)))
+    # rows without their other order (or not fast rows, index -1) add nothing
+    assert order_divergence(consistent, torch.tensor([0, 1])) is None
+    assert order_divergence(consistent, torch.tensor([-1, -1])) is None
+
+
+@pytest.mark.model
+def test_the_consistency_term_trains_and_is_logged(tmp_path):
+    """consistency_weight > 0 on a tiny random Llama: the loss adds the order divergence of each batch's pairs."""
+    config = _config(tmp_path, _pairs_file(tmp_path, 4),
+                     model={"name_or_path": None, "tiny_random": {"hidden_size": 32},
+                            "tokenizer": "smollm2-135m-instruct"},
+                     consistency_weight=1.0, sft={"max_steps": 2, "per_device_train_batch_size": 4})
+    result = GenRMRun(config).train()
+    assert result.global_step == 2
+    logged = [entry for entry in result.log_history if "order_divergence" in entry]
+    assert logged and all(0.0 <= e["order_divergence"] <= 0.7 for e in logged)
+    with pytest.raises(ConfigError, match="consistency_weight"):
+        _config(tmp_path, _pairs_file(tmp_path, 2), consistency_weight=1.0, data={"swap": False})
