@@ -154,7 +154,7 @@ class GenRMRLRun:
     def _dataset(self, template: Any) -> Any:
         from datasets import Dataset
 
-        from her_roleplay import for_judging
+        from her_genrm import training_rows
 
         spec = self.config.data
         pairs = read_pairs(resolve_path(p, self.config.base_dir) for p in spec.pairs)
@@ -164,16 +164,11 @@ class GenRMRLRun:
             raise ConfigError(f"no labelled pairs in {spec.pairs}")
         random.Random(spec.seed).shuffle(pairs)
         self.pairs = len(pairs)
-        rows = []
-        for index, pair in enumerate(pairs):
-            a, b = for_judging(pair.a), for_judging(pair.b)
-            for a_first in (True, False):
-                first, second = (a, b) if a_first else (b, a)
-                messages = template.messages(pair.context, first, second, fast=True)
-                label = pair.label if pair.label == "tie" else ("A" if (pair.label == "a") == a_first else "B")
-                rows.append({"prompt": [m.model_dump() for m in messages], "label_slot": label,
-                             "pair_index": index, "a_first": a_first})
-        return Dataset.from_list(rows)
+        # the SFT rows of the fast verdict, both orders of a pair next to each other: their target is the label
+        rows = training_rows(pairs, template, modes=["fast"], swap=True)
+        index = {pair_id: k for k, pair_id in enumerate(dict.fromkeys(r["pair_id"] for r in rows))}
+        return Dataset.from_list([{"prompt": r["prompt"], "label_slot": r["completion"][0]["content"],
+                                   "pair_index": index[r["pair_id"]], "a_first": r["a_first"]} for r in rows])
 
     def build(self) -> Any:
         if self.trainer is not None:

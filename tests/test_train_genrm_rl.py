@@ -85,3 +85,11 @@ def test_the_shipped_cpu_config_samples_both_orders_of_a_pair_together(tmp_path)
     assert not args.shuffle_dataset and args.reward_weights == [1.0, config.agreement_bonus]
     assert (args.generation_batch_size // args.num_generations) % 2 == 0
     assert config.model.name_or_path == str(tmp_path.resolve())
+    from her_genrm import CompactTemplate
+    from her_roleplay import default_library
+
+    rows = GenRMRLRun(config)._dataset(CompactTemplate(default_library(), principle_detail="none")).to_list()
+    assert len(rows) == 4 and [r["pair_index"] for r in rows] == [0, 0, 1, 1]  # both orders of a pair adjacent
+    for first, second in (rows[:2], rows[2:]):
+        assert first["a_first"] and not second["a_first"]
+        assert {first["label_slot"], second["label_slot"]} == {"A", "B"}  # hard negatives: the real line wins
