@@ -173,6 +173,24 @@ def read_pairs(paths: Iterable[str | Path]) -> list[Any]:
         raise ConfigError(str(exc)) from None
 
 
+def read_data_section(spec: GenRMDataSpec, base_dir: Path | None) -> tuple[list[Any], Any]:
+    """The labelled pairs a ``data`` section names (a seeded subset of ``limit``) and its principle library."""
+    from her_roleplay import PrincipleLibrary, default_library
+
+    pairs = read_pairs(resolve_path(p, base_dir) for p in spec.pairs)
+    if spec.limit is not None and len(pairs) > spec.limit:
+        pairs = random.Random(spec.seed).sample(pairs, spec.limit)
+    if not pairs:
+        raise ConfigError(f"no labelled pairs in {spec.pairs}")
+    library = PrincipleLibrary.load(resolve_path(spec.principles, base_dir)) if spec.principles else default_library()
+    return pairs, library
+
+
+def pair_indices(rows: list[dict]) -> dict[str, int]:
+    """A number per pair, in the order the rows name them (datasets and batches carry ints, not ids)."""
+    return {pair_id: k for k, pair_id in enumerate(dict.fromkeys(r["pair_id"] for r in rows))}
+
+
 def shuffled_by_pair(rows: list[dict], seed: int) -> list[dict]:
     """Pairs in random order, each pair's rows (both presentation orders) kept together: read in this order
     (the sequential sampler of `trl_args`), both orders of a pair meet in one batch and pull the judge's slot
@@ -199,17 +217,10 @@ class GenRMRun:
         from datasets import Dataset
 
         from her_genrm import CompactTemplate, training_rows
-        from her_roleplay import PrincipleLibrary, default_library
 
         spec = self.config.data
-        pairs = read_pairs(resolve_path(p, self.config.base_dir) for p in spec.pairs)
-        if spec.limit is not None and len(pairs) > spec.limit:
-            pairs = random.Random(spec.seed).sample(pairs, spec.limit)
-        if not pairs:
-            raise ConfigError(f"no labelled pairs in {spec.pairs}")
+        pairs, self.library = read_data_section(spec, self.config.base_dir)
         self.pairs = len(pairs)
-        self.library = (PrincipleLibrary.load(resolve_path(spec.principles, self.config.base_dir))
-                        if spec.principles else default_library())
         template = CompactTemplate(self.library, principle_detail="none")
         try:
             rows = training_rows(pairs, template, modes=spec.modes, swap=spec.swap)  # type: ignore[arg-type]
@@ -221,7 +232,7 @@ class GenRMRun:
         rows = shuffled_by_pair(rows, spec.seed)
         if not self.config.consistency_weight:
             return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        index = {pair_id: k for k, pair_id in enumerate(dict.fromkeys(r["pair_id"] for r in rows))}
+        index = pair_indices(rows)
         return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "a_first": r["a_first"],
                                    "pair_index": index[r["pair_id"]] if r["mode"] == "fast" else -1} for r in rows])
 

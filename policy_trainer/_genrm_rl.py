@@ -23,13 +23,12 @@ and top-level ``agreement_bonus`` and ``train_layers``.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._genrm import GenRMDataSpec, read_pairs, train_top_layers
+from ._genrm import GenRMDataSpec, pair_indices, read_data_section, shuffled_by_pair, train_top_layers
 from ._setup import (
     ConfigError,
     ModelSpec,
@@ -48,12 +47,11 @@ log = logging.getLogger(__name__)
 __all__ = ["GenRMRLRun", "GenRMRLRunConfig", "order_agreement_reward", "verdict_reward"]
 
 _TOP_KEYS = {"model", "data", "grpo", "agreement_bonus", "train_layers"}
-_SLOTS = {"A": "A", "B": "B", "tie": "tie"}
-
-
 def _slot_named(completion: Any) -> str | None:
+    from her_genrm import CompactTemplate
+
     text = completion[-1]["content"] if isinstance(completion, list) else completion
-    return _SLOTS.get(str(text).strip())
+    return dict(CompactTemplate.verdict_values).get(str(text).strip())
 
 
 def _winner(slot: str | None, a_first: bool) -> str | None:
@@ -151,22 +149,14 @@ class GenRMRLRun:
         self.card: Any = None
         self.pairs = 0
 
-    def _dataset(self, template: Any) -> Any:
+    def _dataset(self, pairs: list[Any], template: Any) -> Any:
         from datasets import Dataset
 
         from her_genrm import training_rows
 
-        spec = self.config.data
-        pairs = read_pairs(resolve_path(p, self.config.base_dir) for p in spec.pairs)
-        if spec.limit is not None and len(pairs) > spec.limit:
-            pairs = random.Random(spec.seed).sample(pairs, spec.limit)
-        if not pairs:
-            raise ConfigError(f"no labelled pairs in {spec.pairs}")
-        random.Random(spec.seed).shuffle(pairs)
-        self.pairs = len(pairs)
         # the SFT rows of the fast verdict, both orders of a pair next to each other: their target is the label
-        rows = training_rows(pairs, template, modes=["fast"], swap=True)
-        index = {pair_id: k for k, pair_id in enumerate(dict.fromkeys(r["pair_id"] for r in rows))}
+        rows = shuffled_by_pair(training_rows(pairs, template, modes=["fast"], swap=True), self.config.data.seed)
+        index = pair_indices(rows)
         return Dataset.from_list([{"prompt": r["prompt"], "label_slot": r["completion"][0]["content"],
                                    "pair_index": index[r["pair_id"]], "a_first": r["a_first"]} for r in rows])
 
@@ -176,19 +166,18 @@ class GenRMRLRun:
         from trl import GRPOTrainer
 
         from her_genrm import CompactTemplate, JudgeCard, read_judge_card
-        from her_roleplay import PrincipleLibrary, default_library
 
         cfg = self.config
         args = cfg.trl_args()
-        library = (PrincipleLibrary.load(resolve_path(cfg.data.principles, cfg.base_dir))
-                   if cfg.data.principles else default_library())
+        pairs, library = read_data_section(cfg.data, cfg.base_dir)
+        self.pairs = len(pairs)
         source = cfg.model.name_or_path
         card = read_judge_card(resolve_path(source, cfg.base_dir)) if source else None
         if card is None:
             log.info("%s has no judge card: training the trained-judge prompt (no principle list)", source)
             card = JudgeCard(principle_set_hash=library.version, base_model=str(source or "tiny_random"))
         self.card = card
-        dataset = self._dataset(CompactTemplate(library, principle_detail=card.principle_detail))
+        dataset = self._dataset(pairs, CompactTemplate(library, principle_detail=card.principle_detail))
         model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
         if cfg.train_layers is not None:
             train_top_layers(model, cfg.train_layers)

@@ -87,8 +87,10 @@ def test_the_shipped_cpu_config_samples_both_orders_of_a_pair_together(tmp_path)
     assert config.model.name_or_path == str(tmp_path.resolve())
     from her_genrm import CompactTemplate
     from her_roleplay import default_library
+    from policy_trainer._genrm import read_data_section
 
-    rows = GenRMRLRun(config)._dataset(CompactTemplate(default_library(), principle_detail="none")).to_list()
+    pairs, _ = read_data_section(config.data, config.base_dir)
+    rows = GenRMRLRun(config)._dataset(pairs, CompactTemplate(default_library(), principle_detail="none")).to_list()
     assert len(rows) == 4 and [r["pair_index"] for r in rows] == [0, 0, 1, 1]  # both orders of a pair adjacent
     for first, second in (rows[:2], rows[2:]):
         assert first["a_first"] and not second["a_first"]
