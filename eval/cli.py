@@ -12,6 +12,12 @@ same command resumes, mid-sample too.
 `her eval judge`: agreement of one or more pairwise judges with labelled pairs, side by side.
 
     her eval judge --pairs PAIRS.jsonl --judge base=smollm2-135m-instruct [--judge trained=DIR ...] --out DIR
+
+`her eval policy`: policies' replies on held-out prompts, judged by a running rm_server the way RL rewards them
+(win rate against the book's line, head to head), with the validator pass rate, length and distinct-n.
+
+    her eval policy --prompts runs/policy/grpo/test.jsonl --policy sft=runs/sft --policy rl=runs/rl \
+        --judge-url http://127.0.0.1:8000 --out DIR
 """
 
 from __future__ import annotations
@@ -96,6 +102,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         note=_judge_option_default)
     coser.set_defaults(_run_eval=_run_coser)
     _add_judge_arguments(sub)
+    _add_policy_arguments(sub)
+
+
+def _add_policy_arguments(sub: argparse._SubParsersAction) -> None:
+    policy = sub.add_parser(
+        "policy", help="policies' replies on held-out prompts, judged by a served GenRM (win rate vs the book)",
+        description="Each --policy answers every prompt of a GRPO row file (one model loaded at a time); a running "
+        "rm_server judges each reply against the book's line as RL's reference reward does (both orders; win 1, "
+        "tie 0.5, loss 0) and the first policy head to head against each other. Writes samples_NAME.jsonl and "
+        "metrics.json into --out.")
+    policy.add_argument("--prompts", required=True, help="GRPO rows (`her build policy` grpo/test.jsonl)")
+    policy.add_argument("--policy", dest="policies", action="append", required=True, metavar="NAME=MODEL",
+                        help="a policy to sample (repeatable): bundled id or HF folder (e.g. `her train` output)")
+    policy.add_argument("--judge-url", required=True, help="the rm_server that judges (several comma-separated: "
+                        "failover)")
+    policy.add_argument("--judge-mode", choices=get_args(Mode), default="fast")
+    policy.add_argument("--out", required=True, help="output folder (metrics.json, samples_NAME.jsonl)")
+    policy.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    policy.add_argument("--max-tokens", type=int, default=160, help="longest reply a policy writes (default 160)")
+    policy.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    policy.add_argument("--seed", type=int, default=0)
+    add_engine_arguments(policy.add_argument_group("engine (every policy)"), exclude={"model"})
+    policy.set_defaults(_run_eval=_run_policy)
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    from ._policy_eval import PolicyEvalConfig, PolicySpec, evaluate_policies
+
+    try:
+        config = PolicyEvalConfig(prompts=Path(args.prompts), policies=[PolicySpec.parse(p) for p in args.policies],
+                                  judge_url=args.judge_url, out_dir=Path(args.out), judge_mode=args.judge_mode,
+                                  limit=args.limit, max_tokens=args.max_tokens, temperature=args.temperature,
+                                  seed=args.seed)
+        settings = engine_settings_from_args(args)
+        summary = evaluate_policies(
+            config, lambda model: build_engine_or_exit(settings.model_copy(update={"model": model})))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"her eval policy: {exc}") from None
+    for name, m in summary["policies"].items():
+        win = m["win_rate_vs_book"]
+        shown = "n/a" if win["rate"] is None else f"{win['rate']:.3f}" + (
+            f" [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]" if win["ci95"] else "")
+        print(f"{name}: win rate vs the book {shown} ({win['judged']} judged, {win['errors']} errors); format pass "
+              f"{m['format_pass_rate']}, mean words {m['mean_words']}, distinct-2 {m['distinct_2']}")
+    for name, duel in summary["head_to_head"].items():
+        print(f"{name}: {duel['rate']} over {duel['judged']} prompts")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
 
 
 def _judge_option_default(name, field) -> str:

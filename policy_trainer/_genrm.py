@@ -30,6 +30,7 @@ from ._setup import (
     build_model_and_tokenizer,
     check_deepspeed_file,
     check_top_level,
+    check_train_layers,
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
@@ -104,9 +105,10 @@ class GenRMRunConfig:
                               "data.swap: true and fast in data.modes (the term compares the fast verdicts of a "
                               "pair's two orders)")
 
-        if self.train_layers is not None and (self.train_layers < 1 or self.lora is not None):
-            raise ConfigError(f"train_layers={self.train_layers}: give a positive number of top layers, "
-                              "and not together with lora (LoRA already trains a small part)")
+        check_train_layers(self.train_layers)
+        if self.train_layers is not None and self.lora is not None:
+            raise ConfigError(f"train_layers={self.train_layers} together with lora: choose one (LoRA already "
+                              "trains a small part)")
 
         check_trainer_section("sft", self.sft, SFTConfig)
         if self.sft.get("completion_only_loss") is False:
@@ -132,13 +134,10 @@ class GenRMRunConfig:
     def from_yaml(cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None,
                   pairs: list[str] | None = None, modes: list[str] | None = None,
                   consistency_weight: float | None = None) -> GenRMRunConfig:
-        raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps)
-        data = dict(raw.get("data") or {})
-        if pairs:  # command-line files count from the working directory, not the YAML's folder
-            data["pairs"] = [str(Path(p).resolve()) for p in pairs]
+        raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps, data_files=pairs,
+                                      data_key="pairs")
         if modes:
-            data["modes"] = list(modes)
-        raw["data"] = data
+            raw["data"] = {**(raw.get("data") or {}), "modes": list(modes)}
         if consistency_weight is not None:
             raw["consistency_weight"] = consistency_weight
         return cls.from_dict(raw, base_dir=base_dir)
@@ -147,20 +146,6 @@ class GenRMRunConfig:
         # Rows are shuffled by pair here (see GenRMRun._dataset); read in that order, both presentation orders
         # of a pair share a batch. A config may still ask for TRL's random sampler.
         return sft_config({"train_sampling_strategy": "sequential", **self.sft}, self.deepspeed, self.base_dir)
-
-
-def train_top_layers(model: Any, n: int) -> None:
-    layers = model.model.layers
-    if n > len(layers):
-        raise ConfigError(f"train_layers={n} but the model has {len(layers)} layers")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in [*layers[-n:], model.model.norm]:
-        for param in module.parameters():
-            param.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("training the top %d of %d layers: %.1fM of %.1fM parameters", n, len(layers), trainable / 1e6,
-             sum(p.numel() for p in model.parameters()) / 1e6)
 
 
 def read_pairs(paths: Iterable[str | Path]) -> list[Any]:
@@ -246,9 +231,7 @@ class GenRMRun:
             ensure_single_process_env()
         args = cfg.trl_args()
         dataset = self._dataset()
-        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
-        if cfg.train_layers is not None:
-            train_top_layers(model, cfg.train_layers)
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir, train_layers=cfg.train_layers)
         peft_config = None
         if cfg.lora is not None:
             from peft import LoraConfig

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._genrm import GenRMDataSpec, pair_indices, read_data_section, shuffled_by_pair, train_top_layers
+from ._genrm import GenRMDataSpec, pair_indices, read_data_section, shuffled_by_pair
 from ._setup import (
     ConfigError,
     ModelSpec,
     TrainResult,
     build_model_and_tokenizer,
     check_top_level,
+    check_train_layers,
     check_trainer_section,
     dataclass_from,
     load_run_yaml,
@@ -95,6 +96,7 @@ class GenRMRLRunConfig:
         if self.data.modes != ["fast"] or not self.data.swap:
             raise ConfigError(f"data.modes={self.data.modes}, data.swap={self.data.swap}: the RL stage samples fast "
                               "verdicts in both orders; set modes: [fast] and swap: true")
+        check_train_layers(self.train_layers)
         if self.agreement_bonus < 0:
             raise ConfigError(f"agreement_bonus={self.agreement_bonus}: give a weight >= 0")
         check_trainer_section("grpo", self.grpo, GRPOConfig)
@@ -105,12 +107,8 @@ class GenRMRLRunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, *, model: str | None = None, output_dir: str | None = None,
                   max_steps: int | None = None, pairs: list[str] | None = None) -> GenRMRLRunConfig:
-        raw, base_dir = load_run_yaml(path, "grpo", output_dir=output_dir, max_steps=max_steps)
-        if model:
-            raw["model"] = {**(raw.get("model") or {}), "name_or_path": str(Path(model).resolve())
-                            if Path(model).exists() else model}
-        if pairs:
-            raw["data"] = {**(raw.get("data") or {}), "pairs": [str(Path(p).resolve()) for p in pairs]}
+        raw, base_dir = load_run_yaml(path, "grpo", output_dir=output_dir, max_steps=max_steps, model=model,
+                                      data_files=pairs, data_key="pairs")
         return cls.from_dict(raw, base_dir=base_dir)
 
     @classmethod
@@ -178,9 +176,7 @@ class GenRMRLRun:
             card = JudgeCard(principle_set_hash=library.version, base_model=str(source or "tiny_random"))
         self.card = card
         dataset = self._dataset(pairs, CompactTemplate(library, principle_detail=card.principle_detail))
-        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
-        if cfg.train_layers is not None:
-            train_top_layers(model, cfg.train_layers)
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir, train_layers=cfg.train_layers)
         rewards: list[Any] = [verdict_reward, order_agreement_reward]  # in the order of grpo.reward_weights
         self.trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
                                    reward_funcs=rewards)

@@ -38,6 +38,7 @@ from ._setup import (
     check_deepspeed_file,
     check_keys,
     check_top_level,
+    check_train_layers,
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GRPORun", "GRPORunConfig", "RewardOutageGuard", "RewardServiceDown"]
 
-_TOP_KEYS = {"model", "data", "reward", "grpo", "deepspeed", "save_final_model"}
+_TOP_KEYS = {"model", "data", "reward", "grpo", "deepspeed", "save_final_model", "train_layers", "metrics_port"}
 # Failed attempts that mean "the server is not answering", as opposed to "this input is bad" (4xx).
 _OUTAGE_KINDS = {"connect", "timeout", "transport", "408", "429", "500", "502", "503", "504"}
 REFERENCE_COLUMN = "reference"  # where _data puts the reference reply
@@ -100,8 +101,9 @@ class RewardOutageGuard:
     Per-item failures on a healthy server still come back as None. Picklable when the client is.
     """
 
-    def __init__(self, client: RewardClient) -> None:
+    def __init__(self, client: RewardClient, *, on_call_seconds: Callable[[float], None] | None = None) -> None:
         self.client = client
+        self._on_call_seconds = on_call_seconds  # e.g. the trainer exporter's latency histogram
         self.__name__ = getattr(client, "__name__", "her_genrm_reward")  # TRL names metrics after it
 
     async def __call__(
@@ -110,6 +112,8 @@ class RewardOutageGuard:
         failures_before = _outage_count(self.client.stats)
         started = time.monotonic()
         rewards = await self.client(prompts, completions, **columns)
+        if self._on_call_seconds is not None:
+            self._on_call_seconds(time.monotonic() - started)
         missing = sum(r is None for r in rewards)
         unreachable = _outage_count(self.client.stats) > failures_before
         if missing and (unreachable or missing == len(rewards)):
@@ -145,6 +149,12 @@ class GRPORunConfig:
     with one of the accelerate_zero*.yaml files: those carry the DeepSpeed settings themselves."""
     save_final_model: bool = True
     """Save the model and tokenizer in output_dir when the run finishes."""
+    train_layers: int | None = None
+    """Train only the top N decoder layers and the final norm (None: all weights): what fits a real policy's
+    update on a CPU."""
+    metrics_port: int | None = None
+    """Serve the reward client's counters, reward-call latency and the step at :PORT/metrics for Prometheus
+    (``policy_trainer._exporter``); 0 picks a free port; None: no endpoint."""
     base_dir: Path | None = None
     """The folder relative paths count from (the YAML file's folder); None: the working directory."""
 
@@ -161,6 +171,7 @@ class GRPORunConfig:
                               f"data carries the reference reply in column {REFERENCE_COLUMN!r}; drop the key"
                               )
         check_deepspeed_file(self.deepspeed, self.base_dir)
+        check_train_layers(self.train_layers)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> GRPORunConfig:
@@ -179,16 +190,19 @@ class GRPORunConfig:
             grpo=dict(raw["grpo"] or {}),
             deepspeed=raw.get("deepspeed"),
             save_final_model=bool(raw.get("save_final_model", True)),
+            train_layers=raw.get("train_layers"),
+            metrics_port=raw.get("metrics_port"),
             base_dir=base_dir,
         )
 
     @classmethod
     def from_yaml(
         cls, path: str | Path, *, reward_url: str | None = None, output_dir: str | None = None,
-        max_steps: int | None = None,
+        max_steps: int | None = None, model: str | None = None, data_files: list[str] | None = None,
     ) -> GRPORunConfig:
         """Load a YAML file; the keyword arguments override the file (the CLI flags)."""
-        raw, base_dir = load_run_yaml(path, "grpo", output_dir=output_dir, max_steps=max_steps)
+        raw, base_dir = load_run_yaml(path, "grpo", output_dir=output_dir, max_steps=max_steps, model=model,
+                                      data_files=data_files)
         if reward_url is not None:
             raw["reward"] = {**(raw.get("reward") or {}), "url": reward_url}
         return cls.from_dict(raw, base_dir=base_dir)
@@ -236,6 +250,7 @@ class GRPORun:
         self._wrap_reward = wrap_reward
         self._callbacks = list(callbacks)
         self.client: RewardClient | None = None
+        self.exporter: Any = None
         self.trainer: Any = None
 
     def build(self) -> Any:
@@ -249,13 +264,20 @@ class GRPORun:
             ensure_single_process_env()
         args = cfg.trl_args()
         dataset = load_grpo_dataset(cfg.data, cfg.base_dir)
-        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir, train_layers=cfg.train_layers)
         callbacks = list(self._callbacks)
         if self._reward_func is not None:
             reward = self._reward_func
         else:
             self.client = RewardClient(cfg.reward)
-            reward = RewardOutageGuard(self.client)
+            on_call_seconds = None
+            if cfg.metrics_port is not None:
+                from ._exporter import RewardMetricsExporter
+
+                self.exporter = RewardMetricsExporter(self.client, cfg.metrics_port)
+                on_call_seconds = self.exporter.latency.observe
+                callbacks.append(self.exporter.callback())
+            reward = RewardOutageGuard(self.client, on_call_seconds=on_call_seconds)
             callbacks.append(_metrics_callback(self.client))
         if self._wrap_reward is not None:
             reward = self._wrap_reward(reward)
@@ -280,6 +302,8 @@ class GRPORun:
         return result
 
     def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
         if self.client is not None:
             self.client.close()
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +60,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = None,
-                  max_steps: int | None = None) -> tuple[dict[str, Any], Path]:
-    """(raw config, its folder) with the CLI's --output-dir / --max-steps applied to the trainer section."""
+def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = None, max_steps: int | None = None,
+                  model: str | None = None, data_files: Sequence[str] | None = None,
+                  data_key: str = "jsonl") -> tuple[dict[str, Any], Path]:
+    """(raw config, its folder) with the command line's overrides applied: --output-dir / --max-steps to the
+    trainer section, --model to model.name_or_path (a real model then, not tiny_random), and data files to
+    data.<data_key> (replacing the config's data files). Paths given on the command line count from the
+    working directory, not the YAML's folder."""
     path = Path(path)
     raw = load_yaml(path)
     raw[section] = dict(raw.get(section) or {})
@@ -70,6 +74,12 @@ def load_run_yaml(path: str | Path, section: str, *, output_dir: str | None = No
         raw[section]["output_dir"] = output_dir
     if max_steps is not None:
         raw[section]["max_steps"] = max_steps
+    if model:
+        kept = {k: v for k, v in (raw.get("model") or {}).items() if k not in ("tiny_random", "tokenizer", "seed")}
+        raw["model"] = {**kept, "name_or_path": str(Path(model).resolve()) if Path(model).exists() else model}
+    if data_files:
+        data = {k: v for k, v in (raw.get("data") or {}).items() if k not in ("scene_files", "jsonl")}
+        raw["data"] = {**data, data_key: [str(Path(p).resolve()) for p in data_files]}
     if raw.get("deepspeed") and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         # Accelerate refuses a second DeepSpeed config beside its own; the launcher's file wins, so the same
         # training YAML runs with `her train` and under `accelerate launch`.
@@ -214,8 +224,10 @@ def _resolve_model_source(name: str, base: Path | None) -> Path:
         raise ConfigError(f"model source {name!r}: {exc}") from exc
 
 
-def build_model_and_tokenizer(spec: ModelSpec, base: Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for `spec`; `base` is the folder relative paths count from."""
+def build_model_and_tokenizer(spec: ModelSpec, base: Path | None = None, *,
+                              train_layers: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for `spec`; `base` is the folder relative paths count from; `train_layers`: only
+    the top N decoder layers (and the final norm) stay trainable (None: all weights)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -242,7 +254,31 @@ def build_model_and_tokenizer(spec: ModelSpec, base: Path | None = None) -> tupl
         assert spec.name_or_path is not None
         folder = _resolve_model_source(spec.name_or_path, base)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if train_layers is not None:
+        train_top_layers(model, train_layers)
     return model, tokenizer
+
+
+def check_train_layers(n: int | None) -> None:
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"train_layers={n!r}: give a positive number of top layers, or drop the key to train "
+                          "all weights")
+
+
+def train_top_layers(model: Any, n: int) -> None:
+    """Freeze everything but the top ``n`` decoder layers and the final norm: the backward pass then stops
+    ``n`` layers deep, several times cheaper per example on CPU."""
+    layers = model.model.layers
+    if n > len(layers):
+        raise ConfigError(f"train_layers={n} but the model has {len(layers)} layers")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in [*layers[-n:], model.model.norm]:
+        for param in module.parameters():
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("training the top %d of %d layers: %.1fM of %.1fM parameters", n, len(layers), trainable / 1e6,
+             sum(p.numel() for p in model.parameters()) / 1e6)
 
 
 def _free_port() -> int:

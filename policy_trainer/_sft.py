@@ -30,6 +30,7 @@ from ._setup import (
     build_model_and_tokenizer,
     check_deepspeed_file,
     check_top_level,
+    check_train_layers,
     check_trainer_section,
     dataclass_from,
     ensure_single_process_env,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SFTRun", "SFTRunConfig"]
 
-_TOP_KEYS = {"model", "data", "sft", "deepspeed", "save_final_model"}
+_TOP_KEYS = {"model", "data", "sft", "deepspeed", "save_final_model", "train_layers"}
 
 
 @dataclass
@@ -58,6 +59,9 @@ class SFTRunConfig:
     """DeepSpeed JSON config (relative: to the YAML file), or None."""
     save_final_model: bool = True
     """Save the model and tokenizer in output_dir when the run finishes."""
+    train_layers: int | None = None
+    """Train only the top N decoder layers and the final norm (None: all weights): what fits a real policy's
+    update on a CPU."""
     base_dir: Path | None = None
     """The folder relative paths count from (the YAML file's folder); None: the working directory."""
 
@@ -74,6 +78,7 @@ class SFTRunConfig:
                               "prompt-completion pairs whose completion is the one trained turn; "
                               "drop the key")
         check_deepspeed_file(self.deepspeed, self.base_dir)
+        check_train_layers(self.train_layers)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path | None = None) -> SFTRunConfig:
@@ -84,14 +89,17 @@ class SFTRunConfig:
             sft=dict(raw["sft"] or {}),
             deepspeed=raw.get("deepspeed"),
             save_final_model=bool(raw.get("save_final_model", True)),
+            train_layers=raw.get("train_layers"),
             base_dir=base_dir,
         )
 
     @classmethod
     def from_yaml(
-        cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None
+        cls, path: str | Path, *, output_dir: str | None = None, max_steps: int | None = None,
+        model: str | None = None, data_files: list[str] | None = None,
     ) -> SFTRunConfig:
-        raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps)
+        raw, base_dir = load_run_yaml(path, "sft", output_dir=output_dir, max_steps=max_steps, model=model,
+                                      data_files=data_files)
         return cls.from_dict(raw, base_dir=base_dir)
 
     def trl_args(self) -> Any:
@@ -120,7 +128,7 @@ class SFTRun:
         # Only prompt/completion go to TRL: the bookkeeping columns are not model inputs.
         dataset = load_sft_dataset(cfg.data, cfg.base_dir).select_columns(["prompt", "completion"])
         self.samples = len(dataset)
-        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir)
+        model, tokenizer = build_model_and_tokenizer(cfg.model, cfg.base_dir, train_layers=cfg.train_layers)
         self.trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
                                   callbacks=self._callbacks)
         kept = len(self.trainer.train_dataset)

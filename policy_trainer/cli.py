@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "labelled winner plus a bonus when both presentation orders agree.")
     genrm_rl.add_argument("--model", default=None, metavar="DIR",
                           help="the judge to start from (a `her train genrm` folder); overrides model.name_or_path")
+    for sp in (sft, grpo):
+        sp.add_argument("--model", default=None, metavar="MODEL",
+                        help="the policy to start from (bundled id or HF folder, e.g. an SFT output); overrides "
+                             "the config's model section")
+        sp.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                        help="sample files (`her build policy` sft/ or grpo/ jsonl); override data.jsonl and "
+                             "data.scene_files")
     genrm.add_argument("--modes", nargs="+", choices=["fast", "cot"], default=None,
                        help="answers to train; override data.modes of the config")
     genrm.add_argument("--consistency-weight", type=float, default=None, metavar="W",
@@ -58,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sp.add_argument("--log-level", default="info", help="Python log level (default: info)")
     grpo.add_argument("--reward-url", default=None, metavar="URL",
                       help="rm_server base URL, or several comma-separated (failover); overrides reward.url")
+    grpo.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="serve the reward statistics at :PORT/metrics for Prometheus; overrides metrics_port")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
             from ._grpo import GRPORun, GRPORunConfig
 
             grpo_config = GRPORunConfig.from_yaml(args.config, reward_url=args.reward_url,
-                                                  output_dir=args.output_dir, max_steps=args.max_steps)
+                                                  output_dir=args.output_dir, max_steps=args.max_steps,
+                                                  model=args.model, data_files=args.data)
+            if args.metrics_port is not None:
+                grpo_config.metrics_port = args.metrics_port
             reward = grpo_config.reward
             print(f"her train grpo: rewards from {reward.url} ({reward.strategy}, {reward.judge_mode}); "
                   f"DeepSpeed: {grpo_config.deepspeed or 'off'}", flush=True)
@@ -95,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from ._sft import SFTRun, SFTRunConfig
 
-            sft_config = SFTRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps)
+            sft_config = SFTRunConfig.from_yaml(args.config, output_dir=args.output_dir, max_steps=args.max_steps,
+                                                model=args.model, data_files=args.data)
             result = SFTRun(sft_config).train()
     except ConfigError as exc:
         print(f"her train {args.train_command}: config error: {exc}", file=sys.stderr)

@@ -45,7 +45,7 @@ from _reliability import (
     send,
     wait_until,
 )
-from _servers import RedisProcess, serve_app
+from _servers import RedisProcess, serve_app, wait_for
 
 from rm_server import ServerSettings, build_app
 
@@ -469,16 +469,21 @@ class StallingEngine:
         self.stall = threading.Event()
         self.release = threading.Event()
         self.hung = 0
+        self.in_flight = 0  # engine calls not yet returned (hung ones included)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def generate(self, requests):  # noqa: ANN001, ANN201
-        if self.stall.is_set():
-            self.hung += 1
-            while not self.release.is_set():
-                await asyncio.sleep(0.05)
-        return await self._inner.generate(requests)
+        self.in_flight += 1
+        try:
+            if self.stall.is_set():
+                self.hung += 1
+                while not self.release.is_set():
+                    await asyncio.sleep(0.05)
+            return await self._inner.generate(requests)
+        finally:
+            self.in_flight -= 1
 
 
 def test_stalled_engine_answers_504_and_readiness_turns_false(engine, pairs, long):
@@ -564,6 +569,9 @@ def test_stalled_engine_answers_504_and_readiness_turns_false(engine, pairs, lon
                 return load, stall_end, ready_again, time.monotonic() - released
 
         load, stall_end, ready_again, ready_again_s = asyncio.run(main())
+        # The released calls still run their (discarded) batches; a request sent now would queue behind them and
+        # could pass the short deadline on a slow box: wait for the engine to drain first.
+        wait_for(lambda: stalling.in_flight == 0, "the released engine calls to finish", timeout=HANG_S)
         after = httpx.post(base + "/v1/judge", json=_judge(pairs, 99), timeout=120)
         healthz_states = {httpx.get(base + "/healthz", timeout=10).status_code}
     stalled_at = next((t for t, code, state in probes if code == 503 and state == "stalled"), math.nan)

@@ -116,6 +116,10 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     raw["deepspeed"] = "missing.json"
     with pytest.raises(ConfigError, match="missing.json is not a file"):
         GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["train_layers"] = 0
+    with pytest.raises(ConfigError, match="train_layers=0: give a positive number"):
+        GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
 
     from her_cli.main import main
 
@@ -139,6 +143,26 @@ def test_launcher_configs_parse():
     raw = yaml.safe_load((CONFIGS / "grpo_example.yaml").read_text())
     example = GRPORunConfig.from_dict(raw, base_dir=CONFIGS)
     assert example.reward.judge_mode == "cot" and example.grpo["num_generations"] == 8
+
+
+def test_loop_configs_take_the_policy_and_the_rows_from_the_command_line(tmp_path, monkeypatch):
+    """`her train sft|grpo --model DIR --data FILE`: the shipped loop configs (and a tiny-random one) get a real model
+    and replace their data files; paths count from the working directory, not the YAML's folder."""
+    from policy_trainer._grpo import GRPORunConfig
+    from policy_trainer._sft import SFTRunConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft").mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n")
+    grpo = GRPORunConfig.from_yaml(CONFIGS / "her_loop_grpo_cpu.yaml", model="sft", data_files=["rows.jsonl"])
+    assert grpo.model.name_or_path == str(tmp_path / "sft") and grpo.data.jsonl == [str(rows)]
+    assert grpo.train_layers == 8 and grpo.reward.strategy == "reference" and grpo.grpo["save_steps"] == 10
+    sft = SFTRunConfig.from_yaml(CONFIGS / "her_loop_sft_cpu.yaml", data_files=["rows.jsonl"])
+    assert sft.model.name_or_path == "smollm2-135m-instruct" and sft.data.jsonl == [str(rows)]
+    smoke = GRPORunConfig.from_yaml(SMOKE, model="smollm2-135m-instruct", data_files=["rows.jsonl"])
+    assert smoke.model.tiny_random is None and smoke.model.tokenizer is None
+    assert smoke.data.scene_files == [] and smoke.data.jsonl == [str(rows)]
 
 
 def test_grpo_rows_hold_the_prompt_and_the_visible_reference(scene, tmp_path):
@@ -333,11 +357,16 @@ def test_two_grpo_steps_with_rewards_over_http(rm_server, scene, tmp_path):
     # prob rewards (P(win) from the judge's logprobs) differ between rollouts, so the advantages are
     # non-zero and the update must move the weights.
     cfg = grpo_config(tmp_path, rm_server.base_url, scene, reward_kind="prob")
+    cfg.metrics_port = 0  # the trainer's Prometheus endpoint, on a free port
     run = GRPORun(cfg)
     trainer = run.build()
     before = snapshot(trainer.model)
     judged_before = judgments_total(rm_server.base_url)
-    result = run.train()
+    try:
+        result = run.train()
+        exported = scrape(f"http://127.0.0.1:{run.exporter.port}/metrics")
+    finally:
+        run.close()
 
     assert result.stopped is None and result.global_step == 2
     rewards = step_rewards(result.log_history)
@@ -347,6 +376,21 @@ def test_two_grpo_steps_with_rewards_over_http(rm_server, scene, tmp_path):
     assert judgments_total(rm_server.base_url) - judged_before == pairs
     assert run.client.stats.rewarded == pairs and run.client.stats.failed == 0
     assert moved(before, trainer.model)
+    # what Prometheus reads from the trainer: the step, the rewards of the last call, one latency sample a step
+    assert exported["her_trainer_global_step"] == 2
+    assert exported["her_trainer_reward_rewarded_total"] == pairs and exported["her_trainer_reward_failed_total"] == 0
+    assert exported["her_trainer_reward_call_seconds_count"] == 2
+    assert exported["her_trainer_reward_call_seconds_sum"] > 0
+    assert exported["her_trainer_reward_mean"] == pytest.approx(rewards[-1], abs=1e-6)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus endpoint, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
 
 
 def batches_judged(base_url: str) -> float:
