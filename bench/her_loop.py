@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -56,6 +57,9 @@ SERIES = {
 }
 
 
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm lines stay in the stage's log, out of the console
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +76,7 @@ def run(stage: str, argv: list[str], timings: dict[str, float], logs: Path, env:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if not line.startswith(("WARNING", "INFO", "DEBUG")):
+            if line.strip() and not line.startswith(("WARNING", "INFO", "DEBUG")) and not PROGRESS_BAR.search(line):
                 print(f"   {line}", end="", flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"her_loop: stage {stage} failed (exit {proc.returncode}); see {logs / f'{stage}.log'}")
@@ -216,7 +220,11 @@ def main() -> int:
     books = [str(COSER / "book_king_lear.json"), str(COSER / "book_othello.json")]
     run("build_policy", [HER, "build", "policy", "--sources", *books, "--exclude", str(COSER / "example_test_set.json"),
                          "--out", str(out / "policy")], timings, logs)
-    run("sft", [HER, "train", "sft", "--config", str(CONFIGS / "her_loop_sft_cpu.yaml"),
+    sft = yaml.safe_load((CONFIGS / "her_loop_sft_cpu.yaml").read_text())
+    if args.quick:  # a pipeline check: one short sample a step
+        sft["sft"]["per_device_train_batch_size"] = 1
+    (out / "sft.yaml").write_text(yaml.safe_dump(sft, sort_keys=False))
+    run("sft", [HER, "train", "sft", "--config", str(out / "sft.yaml"),
                 "--data", str(out / "policy" / "sft" / "train.jsonl"), "--output-dir", str(out / "sft"),
                 "--max-steps", str(args.sft_steps)], timings, logs)
     judge = args.judge or "smollm2-135m-instruct"
@@ -225,7 +233,7 @@ def main() -> int:
     grpo["deepspeed"] = str(CONFIGS / grpo["deepspeed"])
     grpo["grpo"]["save_steps"] = args.eval_every
     if args.quick:
-        grpo["grpo"]["max_completion_length"] = 32
+        grpo["grpo"].update(max_completion_length=32, per_device_train_batch_size=2, num_generations=2)
     (out / "grpo.yaml").write_text(yaml.safe_dump(grpo, sort_keys=False))
     with Services(out, judge) as services:
         rl_started = time.time()

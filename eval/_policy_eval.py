@@ -130,7 +130,7 @@ def evaluate_policies(config: PolicyEvalConfig, build_engine: Any) -> dict[str, 
     config.out_dir.mkdir(parents=True, exist_ok=True)
     samples: dict[str, list[str | None]] = {}
 
-    async def sample(model: str) -> list[str | None]:
+    async def sample_with(model: str) -> list[str | None]:
         engine = build_engine(model)
         try:
             return await sample_policy(engine, rows, max_tokens=config.max_tokens, temperature=config.temperature,
@@ -139,7 +139,7 @@ def evaluate_policies(config: PolicyEvalConfig, build_engine: Any) -> dict[str, 
             await engine.aclose()
 
     for spec in config.policies:
-        samples[spec.name] = asyncio.run(sample(spec.model))
+        samples[spec.name] = asyncio.run(sample_with(spec.model))
     client = RewardClient(url=config.judge_url, strategy="reference", judge_mode=config.judge_mode,
                           reward_kind="discrete")
     results: dict[str, Any] = {"prompts": len(rows), "judge_url": config.judge_url, "judge_mode": config.judge_mode,
@@ -149,9 +149,9 @@ def evaluate_policies(config: PolicyEvalConfig, build_engine: Any) -> dict[str, 
         for spec in config.policies:
             vs_book = judged_rate(client, rows, samples[spec.name], references)
             with (config.out_dir / f"samples_{spec.name}.jsonl").open("w") as f:
-                for row, sample, reward in zip(rows, samples[spec.name], _spread(vs_book["rewards"],
-                                               samples[spec.name]), strict=True):
-                    f.write(json.dumps({"prompt": row["prompt"], "reference": row["reference"], "sample": sample,
+                for row, written, reward in zip(rows, samples[spec.name], _spread(vs_book["rewards"],
+                                                samples[spec.name]), strict=True):
+                    f.write(json.dumps({"prompt": row["prompt"], "reference": row["reference"], "sample": written,
                                         "reward_vs_book": reward}) + "\n")
             vs_book.pop("rewards")
             results["policies"][spec.name] = {"model": spec.model, WIN_AGAINST_BOOK: vs_book,

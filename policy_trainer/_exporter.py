@@ -56,7 +56,7 @@ class RewardMetricsExporter:
 
     def __init__(self, client: RewardClient, port: int, addr: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_ClientCollector(client))  # type: ignore[arg-type]
+        self.registry.register(_ClientCollector(client))
         self.latency = Histogram(PREFIX + "call_seconds", "wall time of one reward call (a step's rollouts)",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.step = Gauge("her_trainer_global_step", "the optimizer step the trainer is on",

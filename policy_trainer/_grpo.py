@@ -285,12 +285,16 @@ class GRPORun:
                                    train_dataset=dataset, callbacks=[c for c in callbacks if c is not None])
         return self.trainer
 
-    def train(self) -> TrainResult:
-        """Train to the end, or stop cleanly on :class:`RewardServiceDown`; writes run_summary.json."""
+    def train(self, *, resume: bool = False) -> TrainResult:
+        """Train to the end, or stop cleanly on :class:`RewardServiceDown`; writes run_summary.json. ``resume``:
+        continue from the last checkpoint in output_dir (weights, optimizer, scheduler, step, data order), if any."""
         trainer = self.build()
         stopped = None
+        checkpoint = last_checkpoint(trainer.args.output_dir) if resume else None
+        if resume:
+            log.info("resuming from %s", checkpoint or "the start (no checkpoint in the output folder yet)")
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=checkpoint)
         except RewardServiceDown as exc:
             stopped = str(exc)
             log.error("%s", exc)
@@ -306,6 +310,13 @@ class GRPORun:
             self.exporter.close()
         if self.client is not None:
             self.client.close()
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder a Trainer saved in ``output_dir`` (None: none yet)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
 
 
 def _metrics_callback(client: RewardClient) -> Any:

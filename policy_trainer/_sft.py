@@ -144,6 +144,8 @@ class SFTRun:
         trainer = self.build()
         trainer.train()
         if self.config.save_final_model:
+            # TRL switches the KV cache off for training; a saved policy generates (GRPO, vLLM, chat) with it on.
+            trainer.model.config.use_cache = True
             trainer.save_model()
         result = TrainResult.of(trainer, samples=self.samples, samples_trained=len(trainer.train_dataset))
         result.write()

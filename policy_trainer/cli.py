@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sp.add_argument("--log-level", default="info", help="Python log level (default: info)")
     grpo.add_argument("--reward-url", default=None, metavar="URL",
                       help="rm_server base URL, or several comma-separated (failover); overrides reward.url")
+    grpo.add_argument("--resume", action="store_true",
+                      help="continue from the last checkpoint in the output folder (after a killed run); none yet: "
+                           "start from the beginning")
     grpo.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                       help="serve the reward statistics at :PORT/metrics for Prometheus; overrides metrics_port")
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                   f"DeepSpeed: {grpo_config.deepspeed or 'off'}", flush=True)
             grpo_run = GRPORun(grpo_config)
             try:
-                result = grpo_run.train()
+                result = grpo_run.train(resume=args.resume)
             finally:
                 grpo_run.close()
         elif args.train_command == "genrm":

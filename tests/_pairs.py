@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from her_engines import ChatMessage
 from her_roleplay import Scene, coser_to_her, public_view
 
@@ -29,3 +32,17 @@ def fixture_pairs(scene: Scene, n: int, *, history: int = 2) -> list[dict]:
         pairs.append({"context": context, "a": a, "b": b, "speaker": speaker, "turn": turn})
         k += 1
     return pairs
+
+
+def short_rows(scene, path: Path) -> Path:
+    """GRPO rows from the real scene with a short context (a one-line system prompt and the last
+    message the character answers): the judge on CPU costs about its prompt length, and the full actor
+    prompt is ~1,800 tokens."""
+    from policy_trainer._data import grpo_rows_from_scene
+
+    with path.open("w", encoding="utf-8") as out:
+        for row in grpo_rows_from_scene(scene):
+            system = f"You are {row['character']} from {scene.book}. Stay in character."
+            prompt = [{"role": "system", "content": system}, row["prompt"][-1]]
+            out.write(json.dumps({"prompt": prompt, "reference": row["reference"]}) + "\n")
+    return path

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pairs import short_rows
 
 HER = str(Path(sys.executable).with_name("her"))
 
@@ -28,11 +29,8 @@ def test_text_stats_count_format_passes_length_and_distinct_n():
 def test_two_policies_on_held_out_prompts_under_the_served_judge(rm_server, scene, tmp_path):
     """The same model twice, same seeds: the same samples, so head to head is an exact tie, whatever the judge's slot
     bias (both orders); each is judged against the book on every prompt, with nothing lost."""
-    from policy_trainer._data import grpo_rows_from_scene
-
-    prompts = tmp_path / "test.jsonl"
-    rows = list(grpo_rows_from_scene(scene))
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = short_rows(scene, tmp_path / "test.jsonl")  # short contexts: a CPU forward costs about its length
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
     out = tmp_path / "eval"
     proc = subprocess.run(
         [HER, "eval", "policy", "--prompts", str(prompts), "--policy", "a=smollm2-135m-instruct",

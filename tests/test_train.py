@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 from _openai_server import ServerProcess
+from _pairs import short_rows
 from _servers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,20 +56,6 @@ def moved(before: dict, model) -> bool:
 
 def step_rewards(log_history: list[dict]) -> list[float]:
     return [entry["reward"] for entry in log_history if "reward" in entry]
-
-
-def short_rows(scene, path: Path) -> Path:
-    """GRPO rows from the real scene with a short context (a one-line system prompt and the last
-    message the character answers): the judge on CPU costs about its prompt length, and the full actor
-    prompt is ~1,800 tokens."""
-    from policy_trainer._data import grpo_rows_from_scene
-
-    with path.open("w", encoding="utf-8") as out:
-        for row in grpo_rows_from_scene(scene):
-            system = f"You are {row['character']} from {scene.book}. Stay in character."
-            prompt = [{"role": "system", "content": system}, row["prompt"][-1]]
-            out.write(json.dumps({"prompt": prompt, "reference": row["reference"]}) + "\n")
-    return path
 
 
 def grpo_config(tmp_path: Path, url: str, scene, **reward):
