@@ -47,7 +47,7 @@ HER = str(BIN / "her")
 SERIES = {
     "reward mean": "her_trainer_reward_mean",
     "reward std": "her_trainer_reward_std",
-    "null rewards": "her_trainer_reward_failed",
+    "null rewards": "her_trainer_reward_failed_total",
     "swap consistency": "rm_swap_consistency_ratio",
     "first-slot wins": "rm_first_slot_win_ratio",
     "prefer longer": "rm_prefer_longer_ratio",
