@@ -495,12 +495,14 @@ def test_stalled_engine_answers_504_and_readiness_turns_false(engine, pairs, lon
     and until /readyz has said "stalled" for `stalled_for_s`; it ends once the last request got its 504.
     Ready again after the release: within `ready_again_bound_s`, a bound for hangs only.
 
-    The deadline is at least 2 s and four times what one judgment takes on this machine (measured first on a
+    The deadline is at least 2 s and four times what one warm judgment takes on this machine (measured first on a
     server without one): on a slow or busy box a single fast judgment of a fixture pair may need more than 2 s."""
     with serve_app(build_app(_settings(hack_probe_every=0), engine=engine)) as base:
+        assert httpx.post(base + "/v1/judge", json=_judge(pairs, 0), timeout=600).status_code == 200  # warm-up
         started = time.monotonic()
-        assert httpx.post(base + "/v1/judge", json=_judge(pairs, 0), timeout=600).status_code == 200
+        assert httpx.post(base + "/v1/judge", json=_judge(pairs, 1), timeout=600).status_code == 200
         timeout_s = round(max(2.0, 4 * (time.monotonic() - started)), 1)
+    client_timeout_s = max(120.0, timeout_s + STALL_SLACK_S + 60)  # the server's 504 must come first
     stall_s = 20.0 if long else 6.0  # at least
     stalled_for_s = 2.0
     ready_again_bound_s = 120.0
@@ -508,13 +510,13 @@ def test_stalled_engine_answers_504_and_readiness_turns_false(engine, pairs, lon
     app = build_app(_settings(request_timeout_s=timeout_s, hack_probe_every=0), engine=stalling)
     probes: list[tuple[float, int, str]] = []  # (s since the stall began, status, state)
     with serve_app(app) as base:
-        warm = httpx.post(base + "/v1/judge", json=_judge(pairs, 0), timeout=120)
+        warm = httpx.post(base + "/v1/judge", json=_judge(pairs, 0), timeout=client_timeout_s)
         ready_before = httpx.get(base + "/readyz", timeout=10)
 
         async def main() -> tuple[Load, float, bool, float]:
             load = Load()
             no_more, done_probing = asyncio.Event(), asyncio.Event()
-            async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            async with httpx.AsyncClient(base_url=base, timeout=client_timeout_s) as client:
 
                 async def probe() -> int:
                     r = await client.get("/readyz")
@@ -572,7 +574,12 @@ def test_stalled_engine_answers_504_and_readiness_turns_false(engine, pairs, lon
         # The released calls still run their (discarded) batches; a request sent now would queue behind them and
         # could pass the short deadline on a slow box: wait for the engine to drain first.
         wait_for(lambda: stalling.in_flight == 0, "the released engine calls to finish", timeout=HANG_S)
-        after = httpx.post(base + "/v1/judge", json=_judge(pairs, 99), timeout=120)
+        # Serving again: a judgment succeeds. The deadline is short, so on a busy core one attempt may still time out
+        # (a 504 of kind timeout, nothing else); a few attempts, each a fresh pair.
+        for attempt in range(5):
+            after = httpx.post(base + "/v1/judge", json=_judge(pairs, 99 + attempt), timeout=client_timeout_s)
+            if after.status_code != 504 or after.json()["error"]["type"] != "timeout":
+                break
         healthz_states = {httpx.get(base + "/healthz", timeout=10).status_code}
     stalled_at = next((t for t, code, state in probes if code == 503 and state == "stalled"), math.nan)
     during = [(code, state) for t, code, state in probes if stalled_at <= t <= stall_end]
